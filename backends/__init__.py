@@ -1,0 +1,62 @@
+"""What each array library lacks from the array API standard.
+
+Each submodule (``numpy``, ``torch``, ``jax``, ``cupy``, ``strict``) provides
+
+- ``normal(shape, *, key, dtype, device)``: standard normal samples, where ``key`` is an
+  int seed, ``None`` (fresh entropy) or the library's own generator (``numpy.random.Generator``,
+  ``torch.Generator``, a JAX PRNG key, ``cupy.random.Generator``);
+- ``to_numpy(x)``: a host NumPy copy.
+
+:func:`get` picks the submodule for an array, a namespace or a library name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from tuckerman._compat import backend_name, is_array
+
+__all__ = ["get", "normal", "to_numpy", "name_of"]
+
+_MODULES = {
+    "numpy": "numpy",
+    "torch": "torch",
+    "jax": "jax",
+    "cupy": "cupy",
+    "array_api_strict": "strict",
+}
+
+
+def name_of(obj: Any) -> str:
+    """Library name of an array, an array namespace / module, or a name string."""
+    if is_array(obj):
+        return backend_name(obj)
+    name = obj if isinstance(obj, str) else getattr(obj, "__name__", repr(obj))
+    name = name.replace("array_api_compat.", "")
+    aliases = {"jax.numpy": "jax", "np": "numpy", "jnp": "jax", "strict": "array_api_strict"}
+    name = aliases.get(name, name)
+    if name not in _MODULES:
+        raise ValueError(
+            f"unknown array library {obj!r}; expected one of {sorted(_MODULES)} or their modules"
+        )
+    return name
+
+
+def get(obj: Any) -> Any:
+    """The backend module for an array, namespace or library name."""
+    return importlib.import_module(f"tuckerman.backends.{_MODULES[name_of(obj)]}")
+
+
+def normal(xp: Any, shape: tuple[int, ...], *, key: Any = None, dtype: Any, device: Any = None):
+    """Standard normal samples of ``shape`` in library ``xp`` (see the module docstring)."""
+    return get(xp).normal(tuple(shape), key=key, dtype=dtype, device=device)
+
+
+def to_numpy(x: Any):
+    """A host NumPy copy of any supported array (NumPy arrays and scalars pass through)."""
+    if not is_array(x):
+        import numpy as np
+
+        return np.asarray(x)
+    return get(x).to_numpy(x)

@@ -1,0 +1,23 @@
+"""CuPy: random numbers from ``cupy.random.Generator`` and host copies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cupy
+import numpy as np
+
+
+def normal(shape: tuple[int, ...], *, key: Any = None, dtype: Any, device: Any = None):
+    if isinstance(key, cupy.random.Generator):
+        generator = key
+    elif key is None or isinstance(key, (int, np.integer)):
+        generator = cupy.random.default_rng(key)
+    else:
+        raise TypeError(f"key must be None, an int seed or a cupy.random.Generator, got {key!r}")
+    with device if device is not None else cupy.cuda.Device():
+        return generator.standard_normal(shape, dtype=cupy.float64).astype(dtype)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    return cupy.asnumpy(x)

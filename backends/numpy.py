@@ -1,0 +1,25 @@
+"""NumPy: random numbers and host copies (the array API is covered by array-api-compat)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _generator(key: Any) -> np.random.Generator:
+    if isinstance(key, np.random.Generator):
+        return key
+    if key is None or isinstance(key, (int, np.integer)):
+        return np.random.default_rng(key)
+    raise TypeError(f"key must be None, an int seed or a numpy.random.Generator, got {key!r}")
+
+
+def normal(shape: tuple[int, ...], *, key: Any = None, dtype: Any, device: Any = None):
+    if device not in (None, "cpu"):
+        raise ValueError(f"NumPy arrays live on 'cpu', got device={device!r}")
+    return _generator(key).standard_normal(shape).astype(dtype, copy=False)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    return np.asarray(x)

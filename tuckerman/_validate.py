@@ -1,0 +1,87 @@
+"""Argument checks shared by the core. Every message names the value and the expectation."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = ["as_shape", "as_ranks", "check_tol", "check_real_floating", "feasible_ranks_error"]
+
+
+def _as_positive_ints(values: Any, what: str) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{what} must be a sequence of positive integers, got {values!r}")
+    out = []
+    for k, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{what}[{k}] must be an integer, got {v!r} ({type(v).__name__})")
+        if v <= 0:
+            raise ValueError(f"{what}[{k}] must be positive, got {v}")
+        out.append(int(v))
+    return tuple(out)
+
+
+def as_shape(shape: Any) -> tuple[int, ...]:
+    """Validate a tensor shape: a sequence of at least two positive ints."""
+    shape = _as_positive_ints(shape, "shape")
+    if len(shape) < 2:
+        raise ValueError(f"shape must have at least 2 modes (order d >= 2), got {shape}")
+    return shape
+
+
+def as_ranks(ranks: Any, ndim: int, what: str = "ranks") -> tuple[int, ...]:
+    """Validate ranks: one positive int (used for every mode) or one per mode."""
+    if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
+        ranks = (ranks,) * ndim
+    ranks = _as_positive_ints(ranks, what)
+    if len(ranks) != ndim:
+        raise ValueError(
+            f"{what} has {len(ranks)} entries {ranks} but the tensor has {ndim} modes"
+        )
+    return ranks
+
+
+def feasible_ranks_error(shape: tuple[int, ...], ranks: tuple[int, ...]) -> str | None:
+    """Why ``ranks`` are not a feasible multilinear rank for ``shape`` (None when they are)."""
+    if len(shape) != len(ranks):
+        return f"ranks {ranks} have {len(ranks)} entries but shape {shape} has {len(shape)} modes"
+    for k, (n, r) in enumerate(zip(shape, ranks)):
+        if r > n:
+            return f"ranks[{k}] = {r} exceeds the mode size shape[{k}] = {n} (shape {shape})"
+        others = math.prod(ranks[:k] + ranks[k + 1 :])
+        if r > others:
+            return (
+                f"ranks[{k}] = {r} exceeds the product of the other ranks ({others}) in {ranks}: "
+                "no core of that multilinear rank exists"
+            )
+    return None
+
+
+def check_tol(tol: Any, what: str = "tol") -> float | None:
+    """Validate a tolerance: None or a finite number >= 0."""
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"{what} must be a non-negative real number or None, got {tol!r}")
+    tol = float(tol)
+    if not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"{what} must be finite and >= 0, got {tol}")
+    return tol
+
+
+def check_real_floating(xp: Any, *arrays: Any, what: str = "arrays") -> Any:
+    """All arrays share one real floating dtype; return it."""
+    dtypes = []
+    for a in arrays:
+        if a.dtype not in dtypes:
+            dtypes.append(a.dtype)
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"{what} must share one dtype, got {', '.join(str(d) for d in dtypes)}; "
+            "cast them to one dtype first"
+        )
+    dtype = dtypes[0]
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"{what} must have a real floating dtype (float32/float64), got {dtype}")
+    return dtype
