@@ -4,7 +4,7 @@ The core is written once against the Python array API standard: it works on NumP
 JAX, CuPy and array_api_strict arrays, taking the namespace from its inputs.
 """
 
-from tuckerman._manifold import FixedRankTucker, TangentVector
+from tuckerman._manifold import FixedRankTucker, TangentVector, core_condition
 from tuckerman._tucker import (
     TuckerTensor,
     add,
@@ -26,6 +26,7 @@ __all__ = [
     "TangentVector",
     "TuckerTensor",
     "add",
+    "core_condition",
     "fold",
     "hosvd",
     "inner",

@@ -334,7 +334,7 @@ def scale(x: TuckerTensor, alpha: Any) -> TuckerTensor:
 def _scale_array(xp: Any, a: Any, alpha: Any) -> Any:
     alpha = _python_or_array_scalar(alpha)
     if isinstance(alpha, (int, float)):
-        return a * alpha
+        return a * float(alpha)  # a Python float is weakly typed: the array keeps its dtype
     if is_array(alpha) and namespace_of(alpha) is xp:
         return a * xp.astype(alpha, a.dtype)
     return a * float(alpha)  # NumPy scalar or a 0-d array of another library
@@ -396,7 +396,7 @@ def inner(x: TuckerTensor, y: TuckerTensor) -> Any:
     >>> import numpy as np, tuckerman as tm
     >>> X = tm.TuckerTensor(np.ones((1, 1)), [np.ones((2, 1))] * 2)
     >>> float(tm.inner(X, X))
-    16.0
+    4.0
     """
     x, y = _as_tucker(x), _as_tucker(y, "y")
     xp = namespace_of(x.core, y.core)
@@ -416,7 +416,7 @@ def norm(x: TuckerTensor) -> Any:
     >>> import numpy as np, tuckerman as tm
     >>> X = tm.TuckerTensor(np.ones((1, 1)), [np.ones((2, 1))] * 2)
     >>> float(tm.norm(X))
-    4.0
+    2.0
     """
     x = _as_tucker(x)
     xp = x._namespace()
@@ -424,15 +424,24 @@ def norm(x: TuckerTensor) -> Any:
 
 
 # --------------------------------------------------------------------------- HOSVD and truncation
-def _rank_from_tol(xp: Any, s: Any, threshold: float) -> int:
-    """Smallest r whose discarded singular values s[r:] have 2-norm <= threshold (host decision)."""
+def _host_values(a: Any) -> Any:
+    """Host NumPy copy for a rank decision; a clear error under jit (JAX tracers)."""
     try:
-        sv = backends.to_numpy(s)
+        return backends.to_numpy(a)
     except Exception as err:  # e.g. a JAX tracer under jit
         raise TypeError(
             "choosing ranks by tolerance needs concrete values and cannot run under jit; "
             "pass fixed ranks instead"
         ) from err
+
+
+def _host_float(a: Any) -> float:
+    return float(_host_values(a))
+
+
+def _rank_from_tol(xp: Any, s: Any, threshold: float) -> int:
+    """Smallest r whose discarded singular values s[r:] have 2-norm <= threshold (host decision)."""
+    sv = _host_values(s)
     import numpy as np
 
     tail = np.sqrt(np.cumsum((sv.astype(np.float64) ** 2)[::-1])[::-1])  # tail[r] = ||s[r:]||
@@ -450,7 +459,7 @@ def _st_hosvd(xp: Any, t: Any, ranks: tuple | None, tol: float | None, tnorm: An
     threshold = None
     if tol is not None:
         nrm = tnorm if tnorm is not None else xp.linalg.vector_norm(t)
-        threshold = tol * float(backends.to_numpy(nrm)) / math.sqrt(d)
+        threshold = tol * _host_float(nrm) / math.sqrt(d)
     factors = []
     for k in range(d):
         u, s, vh = xp.linalg.svd(_unfold(xp, t, k), full_matrices=False)
