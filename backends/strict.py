@@ -6,7 +6,6 @@ from typing import Any
 
 import array_api_strict as xp
 import numpy as np
-
 from tuckerman.backends import numpy as _np_backend
 
 

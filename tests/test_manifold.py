@@ -16,7 +16,6 @@ from tuckerman.testing import checks, conditioned_point
 from tuckerman.testing import strategies as tst
 
 
-
 def _dense_problem(M, x, seed=0):
     """f(X) = <A, X>^2 / 2 + sum(B * X^3) / 3: non-quadratic, so the Weingarten term matters."""
     rng = np.random.default_rng(seed)
@@ -52,8 +51,11 @@ def test_conformance_any_order(backend, dtype, min_decay):
     @given(data=st.data())
     def run(data):
         M = data.draw(tst.manifolds(max_order=4, max_size=6))
-        x = data.draw(tst.points(M, xp=backend.library, dtype=dtype, device=backend.device,
-                                 min_decay=min_decay))
+        x = data.draw(
+            tst.points(
+                M, xp=backend.library, dtype=dtype, device=backend.device, min_decay=min_decay
+            )
+        )
         z = data.draw(tst.ambient_tensors(M, x))
         key = data.draw(st.integers(0, 1000))
         checks.check_projection(M, x, z, key=key)
@@ -75,8 +77,9 @@ def test_retraction_properties(backend, dtype):
     @given(data=st.data())
     def run(data):
         M = data.draw(tst.manifolds(max_order=4, max_size=6))
-        x = data.draw(tst.points(M, xp=backend.library, dtype=dtype, device=backend.device,
-                                 min_decay=1e-1))
+        x = data.draw(
+            tst.points(M, xp=backend.library, dtype=dtype, device=backend.device, min_decay=1e-1)
+        )
         v = M.random_tangent(x, key=data.draw(st.integers(0, 1000)))
         checks.check_retraction(M, x, v)
 
@@ -85,11 +88,13 @@ def test_retraction_properties(backend, dtype):
 
 def test_ill_conditioned_core_retraction_stays_on_manifold(backend, dtype, min_decay):
     M = tm.FixedRankTucker((8, 9, 10), (3, 4, 5))
-    x = conditioned_point(M, 0, decay=min_decay, xp=backend.library, dtype=dtype,
-                          device=backend.device)
+    x = conditioned_point(
+        M, 0, decay=min_decay, xp=backend.library, dtype=dtype, device=backend.device
+    )
     assert M.check_point(x)
-    v = M.project(x, tst.backends.normal(x._namespace(), M.shape, key=1, dtype=dtype,
-                                         device=backend.device))
+    v = M.project(
+        x, tst.backends.normal(x._namespace(), M.shape, key=1, dtype=dtype, device=backend.device)
+    )
     step = min_decay * 1e-2 / float(host(M.norm(x, v)))
     y = M.retract(x, step * v)
     assert M.check_point(y, explain=True) == (True, None)
@@ -110,8 +115,7 @@ def test_gradient_and_hessian_finite_differences(backend, dtype):
         x = M.random_point(key=3, xp=backend.library, dtype=dtype, device=backend.device)
         cost, egrad, ehess = _dense_problem(M, x)
         checks.check_gradient(M, cost, egrad, x, key=4, ts=ts)
-        checks.check_hessian(M, egrad, ehess, x, key=5, ts=ts,
-                             rtol=None if ts is None else 1e-3)
+        checks.check_hessian(M, egrad, ehess, x, key=5, ts=ts, rtol=None if ts is None else 1e-3)
 
 
 def test_tucker_ambient_projection_and_hessian_never_densify(backend, dtype, rtol):
@@ -119,10 +123,16 @@ def test_tucker_ambient_projection_and_hessian_never_densify(backend, dtype, rto
     M = tm.FixedRankTucker((6, 7, 8), (2, 3, 2))
     x = M.random_point(key=0, xp=backend.library, dtype=dtype, device=backend.device)
     other = tm.FixedRankTucker((6, 7, 8), (3, 2, 4)).random_point(
-        key=1, xp=backend.library, dtype=dtype, device=backend.device)
+        key=1, xp=backend.library, dtype=dtype, device=backend.device
+    )
     dense = other.to_dense()
-    assert rel(M.tangent_to_dense(x, M.project(x, other)),
-               host(M.tangent_to_dense(x, M.project(x, dense)))) <= rtol
+    assert (
+        rel(
+            M.tangent_to_dense(x, M.project(x, other)),
+            host(M.tangent_to_dense(x, M.project(x, dense))),
+        )
+        <= rtol
+    )
     v = M.random_tangent(x, key=2)
     h_t = M.ehess_to_rhess(x, other, M.tangent_to_tucker(x, v), v)
     h_d = M.ehess_to_rhess(x, dense, M.tangent_to_dense(x, v), v)
@@ -176,10 +186,12 @@ def test_dimension_equals_rank_of_projection():
         M = tm.FixedRankTucker(shape, ranks)
         x = M.random_point(key=0)
         N = math.prod(shape)
-        cols = [host(M.tangent_to_dense(x, M.project(x, np.eye(N)[i].reshape(shape)))).ravel()
-                for i in range(N)]
+        cols = [
+            host(M.tangent_to_dense(x, M.project(x, np.eye(N)[i].reshape(shape)))).ravel()
+            for i in range(N)
+        ]
         P = np.stack(cols, axis=1)
-        assert np.allclose(P, P.T, atol=1e-12)          # orthogonal projector
+        assert np.allclose(P, P.T, atol=1e-12)  # orthogonal projector
         assert np.allclose(P @ P, P, atol=1e-12)
         assert np.linalg.matrix_rank(P, tol=1e-8) == M.dim
 
@@ -191,14 +203,21 @@ def test_tangent_vector_arithmetic(backend, dtype, rtol):
     xp = x._namespace()
     u, v = M.random_tangent(x, key=1), M.random_tangent(x, key=2)
     ud, vd = host(M.tangent_to_dense(x, u)), host(M.tangent_to_dense(x, v))
-    zero_d = xp.asarray(2.0, dtype=dtype, **({} if backend.device is None else
-                                             {"device": backend.device}))
+    zero_d = xp.asarray(
+        2.0, dtype=dtype, **({} if backend.device is None else {"device": backend.device})
+    )
     cases = {
-        "add": (u + v, ud + vd), "sub": (u - v, ud - vd), "neg": (-u, -ud),
-        "int_left": (3 * u, 3 * ud), "float_right": (u * 0.5, 0.5 * ud),
-        "np_scalar_left": (np.float64(2.0) * u, 2 * ud), "np_scalar_right": (u * np.float32(2), 2 * ud),
-        "np_0d_left": (np.asarray(2.0) * u, 2 * ud), "array_0d_right": (u * zero_d, 2 * ud),
-        "div": (u / 4, ud / 4), "div_0d": (u / zero_d, ud / 2),
+        "add": (u + v, ud + vd),
+        "sub": (u - v, ud - vd),
+        "neg": (-u, -ud),
+        "int_left": (3 * u, 3 * ud),
+        "float_right": (u * 0.5, 0.5 * ud),
+        "np_scalar_left": (np.float64(2.0) * u, 2 * ud),
+        "np_scalar_right": (u * np.float32(2), 2 * ud),
+        "np_0d_left": (np.asarray(2.0) * u, 2 * ud),
+        "array_0d_right": (u * zero_d, 2 * ud),
+        "div": (u / 4, ud / 4),
+        "div_0d": (u / zero_d, ud / 2),
     }
     if backend.library != "array_api_strict":
         # array_api_strict's Array.__mul__ raises TypeError instead of returning NotImplemented,
@@ -221,8 +240,12 @@ def test_project_tangent_vector_regauges(backend, dtype, rtol):
     xp = x._namespace()
     kw = {} if backend.device is None else {"device": backend.device}
     off = tm.TangentVector(
-        v.dcore, [du + u @ xp.asarray(rng.standard_normal((r, r)), dtype=dtype, **kw)
-                  for u, du, r in zip(x.factors, v.dfactors, M.ranks)])
+        v.dcore,
+        [
+            du + u @ xp.asarray(rng.standard_normal((r, r)), dtype=dtype, **kw)
+            for u, du, r in zip(x.factors, v.dfactors, M.ranks)
+        ],
+    )
     assert not M.check_tangent(x, off)
     w = M.project(x, off)
     assert M.check_tangent(x, w)
@@ -281,6 +304,7 @@ def test_random_point_framework_generators():
     assert torch.equal(M.random_point(key=g1, xp=torch).core, M.random_point(key=g2, xp=torch).core)
     k = jax.random.key(0)
     import jax.numpy as jnp
+
     assert bool(jnp.all(M.random_point(key=k, xp=jnp).core == M.random_point(key=k, xp=jnp).core))
     rng = np.random.default_rng(0)
     assert M.check_point(M.random_point(key=rng))

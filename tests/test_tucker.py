@@ -75,7 +75,9 @@ def test_hosvd_ranks_recover_low_rank_tensor(make, rtol):
 def test_hosvd_tolerance_bound_and_minimality(make, tol, backend):
     rng = np.random.default_rng(4)
     # decaying spectrum so that the tolerance picks intermediate ranks
-    a = np.einsum("ijk,i,j,k->ijk", rng.standard_normal(SHAPE), *(0.5 ** np.arange(n) for n in SHAPE))
+    a = np.einsum(
+        "ijk,i,j,k->ijk", rng.standard_normal(SHAPE), *(0.5 ** np.arange(n) for n in SHAPE)
+    )
     x = tm.hosvd(make(a), tol=tol)
     err = np.linalg.norm(host(x.to_dense()) - a)
     assert err <= tol * np.linalg.norm(a) * (1 + 1e-5)
@@ -97,7 +99,7 @@ def test_truncate_equals_hosvd_of_dense_and_never_needs_orthonormal_input(make, 
     # the dense ST-HOSVD route (same subspaces)
     z = tm.truncate(x, ranks=(2, 2, 2))
     ref = tm.hosvd(make(dense), ranks=(2, 2, 2))
-    assert rel(z.to_dense(), host(ref.to_dense())) <= 10 * rtol ** 0.5
+    assert rel(z.to_dense(), host(ref.to_dense())) <= 10 * rtol**0.5
 
 
 def test_truncate_tolerance(make):

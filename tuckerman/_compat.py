@@ -6,6 +6,7 @@ and its helpers from here, so the compatibility layer can change in one place.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import array_api_compat as _aac
@@ -72,7 +73,7 @@ def namespace_of(*arrays: Any) -> Any:
             + "; convert them to one library first"
         )
     xp = _aac.array_namespace(*arrays)
-    devices = []
+    devices: list[Any] = []
     for a in arrays:
         d = _device_or_none(a)
         if d is not None and all(d != e for e in devices):
@@ -102,27 +103,20 @@ def namespace_from_name(name_or_namespace: Any) -> Any:
     else:
         name = getattr(name_or_namespace, "__name__", "")
     name = name.replace("array_api_compat.", "")
-    if name in ("numpy", "np"):
-        import array_api_compat.numpy as ns
-
-        return ns
-    if name == "torch":
-        import array_api_compat.torch as ns
-
-        return ns
-    if name in ("jax", "jax.numpy", "jnp"):
-        import jax.numpy as ns
-
-        return ns
-    if name == "cupy":
-        import array_api_compat.cupy as ns
-
-        return ns
-    if name in ("array_api_strict", "strict"):
-        import array_api_strict as ns
-
-        return ns
-    raise ValueError(
-        f"unknown array library {name_or_namespace!r}; expected one of "
-        "'numpy', 'torch', 'jax', 'cupy', 'array_api_strict' or their modules"
-    )
+    modules = {
+        "numpy": "array_api_compat.numpy",
+        "np": "array_api_compat.numpy",
+        "torch": "array_api_compat.torch",
+        "jax": "jax.numpy",
+        "jax.numpy": "jax.numpy",
+        "jnp": "jax.numpy",
+        "cupy": "array_api_compat.cupy",
+        "array_api_strict": "array_api_strict",
+        "strict": "array_api_strict",
+    }
+    if name not in modules:
+        raise ValueError(
+            f"unknown array library {name_or_namespace!r}; expected one of "
+            "'numpy', 'torch', 'jax', 'cupy', 'array_api_strict' or their modules"
+        )
+    return importlib.import_module(modules[name])

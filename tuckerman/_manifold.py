@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from tuckerman import backends
+import tuckerman.backends as backends
 from tuckerman._compat import is_array, namespace_from_name, namespace_of
 from tuckerman._tucker import (
     TuckerTensor,
@@ -106,9 +106,11 @@ class TangentVector(_TangentFields):
         if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
             return self * (1.0 / alpha)
         xp = namespace_of(self.dcore)
-        return TangentVector(self.dcore / alpha, [u / alpha for u in self.dfactors]) if (
-            is_array(alpha) and namespace_of(alpha) is xp
-        ) else self * (1.0 / float(alpha))
+        return (
+            TangentVector(self.dcore / alpha, [u / alpha for u in self.dfactors])
+            if (is_array(alpha) and namespace_of(alpha) is xp)
+            else self * (1.0 / float(alpha))
+        )
 
     def __repr__(self) -> str:
         return (
@@ -683,7 +685,8 @@ class FixedRankTucker:
         >>> M = tm.FixedRankTucker((4, 5, 6), 2)
         >>> M.check_point(M.random_point(key=0))
         True
-        >>> bad = tm.TuckerTensor(np.ones((2, 2, 2)), [np.ones((4, 2)), np.ones((5, 2)), np.ones((6, 2))])
+        >>> ones = [np.ones((4, 2)), np.ones((5, 2)), np.ones((6, 2))]
+        >>> bad = tm.TuckerTensor(np.ones((2, 2, 2)), ones)
         >>> M.check_point(bad, explain=True)[0]
         False
         """
@@ -699,9 +702,9 @@ class FixedRankTucker:
         tol = self._tolerance(xp, x.dtype, atol)
         for k, u in enumerate(x.factors):
             eye = xp.eye(u.shape[1], dtype=u.dtype, device=x.device)
-            err = float(backends.to_numpy(xp.max(xp.abs(u.mT @ u - eye))))
-            if not err <= tol:
-                return f"factors[{k}] is not orthonormal: max |U_kᵀU_k - I| = {err:.3g} > {tol:.3g}"
+            dev = float(backends.to_numpy(xp.max(xp.abs(u.mT @ u - eye))))
+            if not dev <= tol:
+                return f"factors[{k}] is not orthonormal: max |U_kᵀU_k - I| = {dev:.3g} > {tol:.3g}"
         eps = float(xp.finfo(x.dtype).eps)
         for k in range(self.ndim):
             s = backends.to_numpy(xp.linalg.svdvals(_unfold(xp, x.core, k)))
@@ -746,11 +749,11 @@ class FixedRankTucker:
         for k, (u, du) in enumerate(zip(x.factors, v.dfactors)):
             # size of the off-gauge part as a tensor: ||C ×_k (U_kᵀ dU_k)|| = ||U_kᵀ dU_k C_(k)||
             off = (u.mT @ du) @ _unfold(xp, x.core, k)
-            err = float(backends.to_numpy(xp.linalg.matrix_norm(off)))
-            if not err <= tol * scale:
+            size = float(backends.to_numpy(xp.linalg.matrix_norm(off)))
+            if not size <= tol * scale:
                 return (
                     f"dfactors[{k}] leaves the gauge U_kᵀ dU_k = 0: the off-gauge part has norm "
-                    f"{err:.3g} for a tangent vector of norm {scale:.3g} (tolerance {tol:.3g} "
+                    f"{size:.3g} for a tangent vector of norm {scale:.3g} (tolerance {tol:.3g} "
                     "relative)"
                 )
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from tuckerman import backends
+import tuckerman.backends as backends
 from tuckerman._compat import is_array, namespace_of
 from tuckerman._validate import as_ranks, check_real_floating, check_tol
 

@@ -36,9 +36,7 @@ def as_ranks(ranks: Any, ndim: int, what: str = "ranks") -> tuple[int, ...]:
         ranks = (ranks,) * ndim
     ranks = _as_positive_ints(ranks, what)
     if len(ranks) != ndim:
-        raise ValueError(
-            f"{what} has {len(ranks)} entries {ranks} but the tensor has {ndim} modes"
-        )
+        raise ValueError(f"{what} has {len(ranks)} entries {ranks} but the tensor has {ndim} modes")
     return ranks
 
 

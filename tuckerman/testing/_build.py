@@ -30,27 +30,34 @@ def conditioned_point(
     xp: Any = None,
     dtype: Any = None,
     device: Any = None,
-    sweeps: int = 4,
 ) -> TuckerTensor:
-    """A point whose core unfoldings have singular values spread from 1 down to about ``decay``.
+    """A point whose core has singular values spread from 1 down to ``decay``.
 
-    The core starts Gaussian; each sweep resets every mode's singular values to
-    ``logspace(0, log10(decay), r_k)`` (exact for the last mode of the last sweep, close for the
-    others). The core is finally put in all-orthogonal (HOSVD) form, the representative that
-    :meth:`~tuckerman.FixedRankTucker.random_point`, :func:`~tuckerman.hosvd`,
-    :func:`~tuckerman.truncate` and the retraction return. Built in float64 NumPy, then
-    converted.
+    The core starts Gaussian; the unfolding of mode ``seed % d`` gets the singular values
+    ``logspace(0, log10(decay), r_k)`` exactly (the other unfoldings follow, with their smallest
+    singular values of the order of ``decay`` or larger). The core is then put in all-orthogonal
+    (HOSVD) form, the representative that :meth:`~tuckerman.FixedRankTucker.random_point`,
+    :func:`~tuckerman.hosvd`, :func:`~tuckerman.truncate` and the retraction return. Built in
+    float64 NumPy, then converted.
+
+    Examples
+    --------
+    >>> import tuckerman as tm
+    >>> from tuckerman.testing import conditioned_point
+    >>> M = tm.FixedRankTucker((6, 7, 8), (3, 4, 5))
+    >>> x = conditioned_point(M, 0, decay=1e-12)
+    >>> 1e11 < tm.core_condition(x) < 1e13, M.check_point(x)
+    (True, True)
     """
     if not 0 < decay <= 1:
         raise ValueError(f"decay must be in (0, 1], got {decay}")
     rng = np.random.default_rng(seed)
     core = rng.standard_normal(manifold.ranks)
+    mode = seed % manifold.ndim
     if decay < 1:
-        for _ in range(sweeps):
-            for k, r in enumerate(manifold.ranks):
-                w, s, _ = np.linalg.svd(_unfold(np, core, k), full_matrices=False)
-                target = np.logspace(0.0, np.log10(decay), r)
-                core = _mp(np, core, (w * (target / s)) @ w.T, k)
+        w, s, _ = np.linalg.svd(_unfold(np, core, mode), full_matrices=False)
+        target = np.logspace(0.0, np.log10(decay), manifold.ranks[mode])
+        core = _mp(np, core, (w * (target / s)) @ w.T, mode)
     for k in range(core.ndim):  # all-orthogonal form: rotate each mode to its singular vectors
         w, _, _ = np.linalg.svd(_unfold(np, core, k), full_matrices=False)
         core = _mp(np, core, w.T, k)

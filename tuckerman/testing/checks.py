@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tuckerman import backends
+import tuckerman.backends as backends
 from tuckerman._compat import namespace_of
 from tuckerman._manifold import core_condition
 from tuckerman._tucker import TuckerTensor, _mp, _unfold
@@ -70,7 +70,9 @@ def _rel(a: Any, b: Any) -> float:
 
 
 def _fail(what: str, **numbers: Any) -> AssertionError:
-    details = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items())
+    details = ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()
+    )
     return AssertionError(f"{what} ({details})")
 
 
@@ -78,9 +80,7 @@ def _default_ts(x: TuckerTensor) -> np.ndarray:
     """Step sizes for slope tests, scaled by the smallest singular value of the core's
     unfoldings: the manifold's curvature radius at ``x``, where second-order terms take over."""
     xp = x._namespace()
-    smin = min(
-        float(_host(xp.linalg.svdvals(_unfold(xp, x.core, k)))[-1]) for k in range(x.ndim)
-    )
+    smin = min(float(_host(xp.linalg.svdvals(_unfold(xp, x.core, k)))[-1]) for k in range(x.ndim))
     base = np.logspace(-1, -4, 7) if _eps(x) < 1e-10 else np.logspace(-1, -2.5, 6)
     return smin * base
 
@@ -148,8 +148,9 @@ def check_inner(manifold: Any, x: Any, u: Any, v: Any, *, rtol: float | None = N
     if not abs(uv - dense) <= rtol * scale:
         raise _fail("inner product differs from the dense Frobenius product", inner=uv, dense=dense)
     nv = float(_host(manifold.norm(x, v)))
-    if not abs(nv - np.linalg.norm(vd)) <= rtol * max(np.linalg.norm(vd), 1e-300):
-        raise _fail("norm differs from the dense Frobenius norm", norm=nv, dense=np.linalg.norm(vd))
+    nd = float(np.linalg.norm(vd))
+    if not abs(nv - nd) <= rtol * max(nd, 1e-300):
+        raise _fail("norm differs from the dense Frobenius norm", norm=nv, dense=nd)
 
 
 def check_retraction(
@@ -167,14 +168,14 @@ def check_retraction(
     (2 for a retraction) over the step sizes ``ts``.
     """
     rtol = default_rtol(x) if rtol is None else rtol
-    ts = _default_ts(x) if ts is None else ts
+    ts = [float(t) for t in (_default_ts(x) if ts is None else ts)]
     xd = _host(x.to_dense())
     y0 = manifold.retract(x, 0.0 * v)
     err = _rel(y0.to_dense(), xd)
     if not err <= rtol:
         raise _fail("retraction at zero is not the identity", error=err, rtol=rtol)
     vd = _host(manifold.tangent_to_dense(x, v))
-    vn = max(np.linalg.norm(vd), np.finfo(np.float64).tiny)
+    vn = max(float(np.linalg.norm(vd)), float(np.finfo(np.float64).tiny))
     errors = []
     for t in ts:
         y = manifold.retract(x, float(t) * v)
@@ -182,7 +183,7 @@ def check_retraction(
         if not ok:
             raise AssertionError(f"retraction with step t={t:g} left the manifold: {reason}")
         errors.append(float(np.linalg.norm(_host(y.to_dense()) - xd - t * vd)) / vn)
-    floor = 100 * _eps(x) * (np.linalg.norm(xd) + vn) / vn
+    floor = 100 * _eps(x) * (float(np.linalg.norm(xd)) + vn) / vn
     slope = loglog_slope(ts, errors, floor)
     if not slope >= min_slope:
         raise _fail(
@@ -270,7 +271,7 @@ def check_gradient(
     with log-log slope >= ``min_slope`` (2 for a correct gradient).
     """
     v = manifold.random_tangent(x, key=key) if v is None else v
-    ts = _default_ts(x) if ts is None else ts
+    ts = [float(t) for t in (_default_ts(x) if ts is None else ts)]
     g = manifold.egrad_to_rgrad(x, egrad(x))
     ok, reason = manifold.check_tangent(x, g, explain=True)
     if not ok:
@@ -312,7 +313,7 @@ def check_hessian(
     rtol = default_rtol(x) if rtol is None else rtol
     v = manifold.random_tangent(x, key=key) if v is None else v
     w = manifold.random_tangent(x, key=(key + 1) if isinstance(key, int) else None)
-    ts = _default_ts(x) if ts is None else ts
+    ts = [float(t) for t in (_default_ts(x) if ts is None else ts)]
     gx = egrad(x)
 
     def hess(u: Any) -> Any:
@@ -323,9 +324,11 @@ def check_hessian(
     if not ok:
         raise AssertionError(f"the Riemannian Hessian is not a tangent vector: {reason}")
     hvd = _host(manifold.tangent_to_dense(x, hv))
-    hn = max(np.linalg.norm(hvd), np.finfo(np.float64).tiny)
-    err = _rel(manifold.tangent_to_dense(x, hess(2.0 * v + w)), 2.0 * hvd + _host(
-        manifold.tangent_to_dense(x, hw)))
+    hn = max(float(np.linalg.norm(hvd)), float(np.finfo(np.float64).tiny))
+    err = _rel(
+        manifold.tangent_to_dense(x, hess(2.0 * v + w)),
+        2.0 * hvd + _host(manifold.tangent_to_dense(x, hw)),
+    )
     if not err <= rtol:
         raise _fail("the Riemannian Hessian is not linear", error=err, rtol=rtol)
     a = float(_host(manifold.inner(x, hv, w)))
@@ -340,7 +343,7 @@ def check_hessian(
     xp = namespace_of(x.core)
     errors = []
     for t in ts:
-        diff = (rgrad_dense(manifold.retract(x, t * v)) - rgrad_dense(manifold.retract(x, -t * v)))
+        diff = rgrad_dense(manifold.retract(x, t * v)) - rgrad_dense(manifold.retract(x, -t * v))
         fd = xp.asarray(diff / (2 * t), dtype=x.dtype, **_device_kwargs(x))
         errors.append(_rel(manifold.tangent_to_dense(x, manifold.project(x, fd)), hvd))
     slope = loglog_slope(ts, errors, floor=100 * rtol)

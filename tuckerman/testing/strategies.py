@@ -28,7 +28,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the test
         "tuckerman.testing.strategies needs Hypothesis: pip install 'tuckerman[test]'"
     ) from err
 
-from tuckerman import backends
+import tuckerman.backends as backends
 from tuckerman._compat import namespace_from_name
 from tuckerman._manifold import FixedRankTucker
 from tuckerman.testing._build import conditioned_point
