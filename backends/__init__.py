@@ -5,7 +5,11 @@ Each submodule (``numpy``, ``torch``, ``jax``, ``cupy``, ``strict``) provides
 - ``normal(shape, *, key, dtype, device)``: standard normal samples, where ``key`` is an
   int seed, ``None`` (fresh entropy) or the library's own generator (``numpy.random.Generator``,
   ``torch.Generator``, a JAX PRNG key, ``cupy.random.Generator``);
-- ``to_numpy(x)``: a host NumPy copy.
+- ``to_numpy(x)``: a host NumPy copy;
+- ``segment_sum(data, segment_ids, num_segments)``: sums the rows of ``data`` (shape (m, p))
+  that share a segment id into row ``segment_ids[i]`` of a (num_segments, p) result, duplicates
+  accumulated (a scatter-add; the standard has none). array_api_strict uses a one-hot matmul
+  that stays inside the standard.
 
 :func:`get` picks the submodule for an array, a namespace or a library name.
 """
@@ -17,7 +21,7 @@ from typing import Any
 
 from tuckerman._compat import backend_name, is_array
 
-__all__ = ["get", "normal", "to_numpy", "name_of"]
+__all__ = ["get", "normal", "to_numpy", "name_of", "segment_sum"]
 
 _MODULES = {
     "numpy": "numpy",
@@ -60,3 +64,8 @@ def to_numpy(x: Any):
 
         return np.asarray(x)
     return get(x).to_numpy(x)
+
+
+def segment_sum(data: Any, segment_ids: Any, num_segments: int):
+    """Scatter-add of the rows of ``data`` into ``num_segments`` rows (see the module docstring)."""
+    return get(data).segment_sum(data, segment_ids, int(num_segments))

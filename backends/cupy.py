@@ -21,3 +21,11 @@ def normal(shape: tuple[int, ...], *, key: Any = None, dtype: Any, device: Any =
 
 def to_numpy(x: Any) -> np.ndarray:
     return cupy.asnumpy(x)
+
+
+def segment_sum(data: Any, segment_ids: Any, num_segments: int):
+    import cupyx
+
+    out = cupy.zeros((num_segments, data.shape[1]), dtype=data.dtype)
+    cupyx.scatter_add(out, segment_ids, data)
+    return out

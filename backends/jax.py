@@ -23,3 +23,7 @@ def normal(shape: tuple[int, ...], *, key: Any = None, dtype: Any, device: Any =
 
 def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x))
+
+
+def segment_sum(data: Any, segment_ids: Any, num_segments: int):
+    return jax.ops.segment_sum(data, segment_ids, num_segments=num_segments)

@@ -23,3 +23,9 @@ def normal(shape: tuple[int, ...], *, key: Any = None, dtype: Any, device: Any =
 
 def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
+
+
+def segment_sum(data: Any, segment_ids: Any, num_segments: int) -> np.ndarray:
+    out = np.zeros((num_segments, data.shape[1]), dtype=data.dtype)
+    np.add.at(out, segment_ids, data)
+    return out

@@ -17,3 +17,10 @@ def normal(shape: tuple[int, ...], *, key: Any = None, dtype: Any, device: Any =
 
 def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
+
+
+def segment_sum(data: Any, segment_ids: Any, num_segments: int):
+    """One-hot matmul: O(m * num_segments) memory, standard functions only (a test backend)."""
+    segments = xp.arange(num_segments, dtype=segment_ids.dtype, device=data.device)
+    one_hot = xp.astype(segment_ids[None, :] == segments[:, None], data.dtype)
+    return one_hot @ data

@@ -22,3 +22,8 @@ def normal(shape: tuple[int, ...], *, key: Any = None, dtype: Any, device: Any =
 
 def to_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy()
+
+
+def segment_sum(data: Any, segment_ids: Any, num_segments: int):
+    out = torch.zeros((num_segments, data.shape[1]), dtype=data.dtype, device=data.device)
+    return out.index_add(0, segment_ids.to(torch.int64), data)

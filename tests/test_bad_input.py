@@ -100,7 +100,9 @@ def test_wrong_ambient_shapes_and_dtypes():
         M.project(x, tm.hosvd(np.ones((5, 6, 8)), 1))
     with pytest.raises(TypeError, match=r"x and z must share one dtype, got float64, float32"):
         M.project(x, np.ones(M.shape, dtype=np.float32))
-    with pytest.raises(TypeError, match=r"z must be a dense array, a TuckerTensor or a Tangent"):
+    with pytest.raises(
+        TypeError, match=r"z must be a dense array, a TuckerTensor, a SparseTensor or a Tangent"
+    ):
         M.project(x, [[1.0]])
     v = M.random_tangent(x, key=1)
     with pytest.raises(ValueError, match=r"egrad has shape \(5, 6\)"):

@@ -5,6 +5,18 @@ JAX, CuPy and array_api_strict arrays, taking the namespace from its inputs.
 """
 
 from tuckerman._manifold import FixedRankTucker, TangentVector, core_condition
+from tuckerman._sparse import SparseTensor, entries
+from tuckerman._tdlrt import (
+    augment,
+    augment_basis,
+    core_gradient,
+    fixed_rank_step,
+    galerkin_step,
+    tdlrt_step,
+    transport_core_second_moment,
+    transport_core_state,
+    truncate_core,
+)
 from tuckerman._tucker import (
     TuckerTensor,
     add,
@@ -23,6 +35,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FixedRankTucker",
+    "SparseTensor",
+    "augment",
+    "augment_basis",
+    "core_gradient",
+    "entries",
+    "fixed_rank_step",
+    "galerkin_step",
+    "tdlrt_step",
+    "transport_core_second_moment",
+    "transport_core_state",
+    "truncate_core",
     "TangentVector",
     "TuckerTensor",
     "add",

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import tuckerman.backends as backends
 from tuckerman._compat import is_array, namespace_from_name, namespace_of
+from tuckerman._sparse import SparseTensor, sparse_all_but_one
 from tuckerman._tucker import (
     TuckerTensor,
     _all_but_one,
@@ -291,17 +292,19 @@ class FixedRankTucker:
         check_real_floating(namespace_of(x.core), x.core, v.dcore, what=f"x and {what}")
 
     def _ambient(self, xp: Any, x: TuckerTensor, z: Any, what: str) -> None:
-        if isinstance(z, TuckerTensor):
+        if isinstance(z, (TuckerTensor, SparseTensor)):
             if z.shape != self._shape:
                 raise ValueError(
-                    f"{what} is a TuckerTensor of shape {z.shape}, expected shape {self._shape}"
+                    f"{what} is a {type(z).__name__} of shape {z.shape}, expected shape "
+                    f"{self._shape}"
                 )
-            namespace_of(x.core, z.core)
-            check_real_floating(xp, x.core, z.core, what=f"x and {what}")
+            leaf = z.core if isinstance(z, TuckerTensor) else z.values
+            namespace_of(x.core, leaf)
+            check_real_floating(xp, x.core, leaf, what=f"x and {what}")
             return
         if not is_array(z):
             raise TypeError(
-                f"{what} must be a dense array, a TuckerTensor or a TangentVector, "
+                f"{what} must be a dense array, a TuckerTensor, a SparseTensor or a TangentVector, "
                 f"got {type(z).__name__}"
             )
         if tuple(z.shape) != self._shape:
@@ -403,6 +406,8 @@ class FixedRankTucker:
         if isinstance(z, TuckerTensor):
             mats = [w.mT @ f for w, f in zip(ws, z.factors)]
             return _all_but_one(xp, z.core, mats), list(z.factors)
+        if isinstance(z, SparseTensor):
+            return sparse_all_but_one(xp, z, list(ws)), None
         return _all_but_one(xp, z, [w.mT for w in ws]), None
 
     def project(self, x: TuckerTensor, z: Any) -> TangentVector:
@@ -412,9 +417,10 @@ class FixedRankTucker:
         ----------
         x : TuckerTensor
             A point of the manifold.
-        z : array, TuckerTensor or TangentVector
+        z : array, TuckerTensor, SparseTensor or TangentVector
             A dense ambient tensor of ``self.shape``; a Tucker tensor (projected in factored
-            form, never densified); or a tangent vector at ``x`` whose ``dfactors`` may have left
+            form, never densified); a sparse tensor of observed entries (``O(nnz prod r)``,
+            never densified); or a tangent vector at ``x`` whose ``dfactors`` may have left
             the gauge (the result is the same tensor, re-expressed in the gauge).
 
         Returns
@@ -614,7 +620,7 @@ class FixedRankTucker:
 
         Parameters
         ----------
-        egrad, ehess_v : array or TuckerTensor
+        egrad, ehess_v : array, TuckerTensor or SparseTensor
             Euclidean gradient at ``x`` and Euclidean Hessian applied to (the dense form of) ``v``.
 
         Examples

@@ -62,8 +62,7 @@ def conditioned_point(
         w, _, _ = np.linalg.svd(_unfold(np, core, k), full_matrices=False)
         core = _mp(np, core, w.T, k)
     factors = [
-        np.linalg.qr(rng.standard_normal((n, r)))[0]
-        for n, r in zip(manifold.shape, manifold.ranks)
+        np.linalg.qr(rng.standard_normal((n, r)))[0] for n, r in zip(manifold.shape, manifold.ranks)
     ]
     return TuckerTensor(
         to_library(core, xp, dtype, device), [to_library(u, xp, dtype, device) for u in factors]
