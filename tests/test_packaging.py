@@ -21,8 +21,18 @@ def test_backends_and_integrations_are_subpackages():
 def test_wheel_puts_nothing_named_backends_at_the_top_level(tmp_path):
     """Build the wheel a normal install would use and look at its file list."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
         check=True,
         cwd=tmp_path,
     )

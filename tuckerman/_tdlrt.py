@@ -107,7 +107,7 @@ def _check_modes(adaptive_modes: Any, d: int) -> tuple[int, ...]:
         return tuple(range(d))
     modes = tuple(adaptive_modes)
     for m in modes:
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not -d <= m < d:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not -d <= int(m) < d:
             raise ValueError(f"adaptive_modes entries must be modes in [0, {d}), got {m!r}")
     return tuple(sorted({int(m) % d for m in modes}))
 
@@ -336,8 +336,9 @@ def truncate_core(
             )
     lows = _per_mode(min_rank, d, "min_rank", 1)
     highs = _per_mode(max_rank, d, "max_rank", None)
-    threshold = None
+    threshold = 0.0
     if adaptive:
+        assert tau is not None  # adaptive modes exist only with a tolerance
         nrm = float(backends.to_numpy(xp.linalg.vector_norm(x.core)))
         threshold = tau if absolute else tau * nrm
     svds, chosen = [], []

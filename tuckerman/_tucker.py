@@ -38,10 +38,12 @@ def _mp(xp: Any, t: Any, m: Any, k: int) -> Any:
     d = t.ndim
     if k == 0:
         return xp.tensordot(m, t, axes=((1,), (0,)))
-    y = xp.tensordot(t, m, axes=((k,), (1,)))  # new mode last
     if k == d - 1:
-        return y
-    return xp.permute_dims(y, (*range(k), d - 1, *range(k, d - 1)))
+        return xp.tensordot(t, m, axes=((k,), (1,)))  # new mode last: already in place
+    # a middle mode: batched matmul over a reshape, no transpose copy of t
+    s = tuple(t.shape)
+    y = xp.matmul(m, xp.reshape(t, (math.prod(s[:k]), s[k], math.prod(s[k + 1 :]))))
+    return xp.reshape(y, (*s[:k], m.shape[0], *s[k + 1 :]))
 
 
 def _unfold(xp: Any, t: Any, k: int) -> Any:
@@ -462,7 +464,12 @@ def _st_hosvd(xp: Any, t: Any, ranks: tuple | None, tol: float | None, tnorm: An
         threshold = tol * _host_float(nrm) / math.sqrt(d)
     factors = []
     for k in range(d):
-        u, s, vh = xp.linalg.svd(_unfold(xp, t, k), full_matrices=False)
+        unfolded = _unfold(xp, t, k)
+        if unfolded.shape[0] < unfolded.shape[1]:  # wide: LAPACK is faster on the tall transpose
+            v, s, uh = xp.linalg.svd(unfolded.mT, full_matrices=False)
+            u, vh = uh.mT, v.mT
+        else:
+            u, s, vh = xp.linalg.svd(unfolded, full_matrices=False)
         r = s.shape[0]
         if ranks is not None:
             r = min(r, ranks[k])
