@@ -139,6 +139,25 @@ def test_tucker_ambient_projection_and_hessian_never_densify(backend, dtype, rto
     assert rel(M.tangent_to_dense(x, h_t), host(M.tangent_to_dense(x, h_d))) <= rtol
 
 
+def test_sparse_ambient_projection_and_hessian(backend, dtype, rtol):
+    """A SparseTensor gradient gives what its dense form gives, for project and the Hessian."""
+    M = tm.FixedRankTucker((6, 7, 8), (2, 3, 2))
+    x = M.random_point(key=0, xp=backend.library, dtype=dtype, device=backend.device)
+    rng = np.random.default_rng(1)
+    xp = x._namespace()
+    kw = {} if backend.device is None else {"device": backend.device}
+    idx = xp.asarray(np.stack([rng.integers(0, n, 40) for n in M.shape], axis=1), **kw)
+    vals = xp.asarray(rng.standard_normal(40), dtype=dtype, **kw)
+    S = tm.SparseTensor(idx, vals, M.shape)
+    dense = S.to_dense()
+    assert rel(M.tangent_to_dense(x, M.project(x, S)),
+               host(M.tangent_to_dense(x, M.project(x, dense)))) <= rtol
+    v = M.random_tangent(x, key=2)
+    h_s = M.ehess_to_rhess(x, S, S, v)
+    h_d = M.ehess_to_rhess(x, dense, dense, v)
+    assert rel(M.tangent_to_dense(x, h_s), host(M.tangent_to_dense(x, h_d))) <= rtol
+
+
 # --------------------------------------------------------------------------- references
 class FixedRankMatrixReference:
     """Independent dense implementation of the fixed-rank matrix manifold (embedded geometry of
