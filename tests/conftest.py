@@ -16,6 +16,11 @@ from hypothesis import HealthCheck, settings
 
 from tuckerman._compat import namespace_from_name
 
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    torch.set_num_threads(1)  # the tests use tiny tensors: threads only add overhead (~50x)
+
 if importlib.util.find_spec("jax") is not None:
     import jax
 

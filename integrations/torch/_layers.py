@@ -1,0 +1,798 @@
+"""Tucker-factorized ``nn.Linear`` and ``nn.Conv2d`` layers.
+
+The weight of a layer is a Tucker tensor ``W = C ×_1 U_1 ⋯ ×_d U_d`` held as the parameters
+``core`` (``C``) and ``factors`` (``U_k``), at the current rank: when the rank changes the
+parameters are replaced by smaller (or larger) ones, so memory follows the rank. The forward pass
+never forms ``W``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tuckerman as tm
+from tuckerman._validate import feasible_ranks_error
+
+__all__ = ["AbstractTuckerLayer", "TuckerLinear", "TuckerConv2d"]
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+# --------------------------------------------------------------------------- argument checks
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value}")
+    return int(value)
+
+
+def _int_pair(value: Any, what: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= ``minimum``: ``(h, w)``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value, value)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
+        if v < minimum:
+            raise ValueError(f"{what} entries must be >= {minimum}, got {tuple(value)}")
+        out.append(int(v))
+    return out[0], out[1]
+
+
+def _check_modes(adaptive_modes: Any, d: int, owner: str) -> tuple[int, ...]:
+    if isinstance(adaptive_modes, numbers.Integral) and not isinstance(adaptive_modes, bool):
+        adaptive_modes = (adaptive_modes,)
+    try:
+        modes = tuple(adaptive_modes)
+    except TypeError:
+        raise TypeError(
+            f"{owner}: adaptive_modes must be a sequence of modes in [0, {d}), "
+            f"got {adaptive_modes!r}"
+        ) from None
+    for m in modes:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 0 <= m < d:
+            raise ValueError(
+                f"{owner}: adaptive_modes entries must be modes in [0, {d}), got {modes!r}"
+            )
+    return tuple(sorted({int(m) for m in modes}))
+
+
+def _floating_dtype(dtype: Any, owner: str) -> torch.dtype:
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{owner}: dtype must be a real floating torch dtype, got {dtype!r}")
+    return dtype
+
+
+def _lower_to_feasible(ranks: list[int]) -> list[int]:
+    """Lower ranks until ``r_k <= prod_{j != k} r_j`` for every mode (largest offender first)."""
+    while True:
+        bad = [k for k, r in enumerate(ranks) if r > math.prod(ranks) // r]
+        if not bad:
+            return ranks
+        k = max(bad, key=lambda j: ranks[j])
+        ranks[k] = math.prod(ranks) // ranks[k]
+
+
+def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
+    """The largest feasible multilinear rank of a tensor of ``shape``.
+
+    ``min(n_k, prod_{j≠k} n_j)`` per mode, lowered until feasible.
+    """
+    shape = tuple(int(n) for n in shape)
+    return tuple(_lower_to_feasible([min(n, math.prod(shape) // n) for n in shape]))
+
+
+def resolve_ranks(
+    shape: Sequence[int], ranks: Any, *, owner: str, clip: bool = False
+) -> tuple[int, ...]:
+    """Turn a user's ``ranks`` into one feasible rank per mode of a weight of ``shape``.
+
+    The first two modes are the channel (output, input) modes; the others (a conv kernel's
+    window modes) default to full rank.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The weight shape (``(out, in)`` or ``(out, in, k_h, k_w)``).
+    ranks : None, int, float, or sequence of int
+        None: full rank. An int ``r``: rank ``r`` for both channel modes. A float in (0, 1]: that
+        fraction of the full rank of each channel mode (rounded, at least 1). A sequence: one
+        rank per mode, or, for a weight of more than two modes, two ranks for the channel modes.
+        Window modes are full rank unless given.
+    owner : str
+        Names the layer in error messages.
+    clip : bool
+        Lower ranks larger than the mode sizes, or infeasible ones, instead of raising.
+    """
+    shape = tuple(int(n) for n in shape)
+    d = len(shape)
+    full = full_ranks(shape)
+    if ranks is None:
+        return full
+    if isinstance(ranks, numbers.Real) and not isinstance(ranks, numbers.Integral):
+        f = float(ranks)
+        if not (0.0 < f <= 1.0):
+            raise ValueError(
+                f"{owner}: a fractional rank must be in (0, 1] (a fraction of the full rank), "
+                f"got {ranks!r}"
+            )
+        wanted = [max(1, math.floor(f * full[k] + 0.5)) for k in range(2)] + list(full[2:])
+        return tuple(_lower_to_feasible(wanted))
+    if isinstance(ranks, bool):
+        raise TypeError(f"{owner}: ranks must be an int, a float in (0, 1] or a tuple, got {ranks}")
+    if isinstance(ranks, numbers.Integral):
+        ranks = (int(ranks), int(ranks))
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+        raise TypeError(
+            f"{owner}: ranks must be None, an int, a float in (0, 1] or a sequence of ints, "
+            f"got {ranks!r}"
+        )
+    ranks = tuple(ranks)
+    if len(ranks) == 2 and d > 2:
+        ranks = ranks + full[2:]
+    if len(ranks) != d:
+        allowed = f"{d}" if d == 2 else f"2 (the channel modes) or {d}"
+        raise ValueError(
+            f"{owner}: ranks {ranks} has {len(ranks)} entries; expected {allowed} for a weight "
+            f"of shape {shape}"
+        )
+    for k, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+            raise TypeError(f"{owner}: ranks[{k}] must be an integer, got {r!r} in {ranks}")
+        if r <= 0:
+            raise ValueError(f"{owner}: ranks must be positive, got ranks[{k}] = {r} in {ranks}")
+    ranks = tuple(int(r) for r in ranks)
+    if clip:
+        return tuple(_lower_to_feasible([min(r, n) for r, n in zip(ranks, shape)]))
+    why = feasible_ranks_error(shape, ranks)
+    if why is not None:
+        hint = " (a matrix's row and column ranks are equal)" if d == 2 else ""
+        raise ValueError(f"{owner}: infeasible ranks {ranks} for weight shape {shape}: {why}{hint}")
+    return ranks
+
+
+# --------------------------------------------------------------------------- the base class
+class AbstractTuckerLayer(nn.Module, abc.ABC):
+    """A layer whose weight is a Tucker tensor ``W = core ×_1 factors[0] ⋯ ×_d factors[d-1]``.
+
+    The parameters live at the current rank: ``core`` has shape ``ranks`` and ``factors[k]``
+    shape ``(weight_shape[k], ranks[k])``. Nothing is preallocated at a maximum rank; a rank
+    change (:meth:`set_tucker`) replaces the parameters, so memory follows the rank.
+
+    Attributes
+    ----------
+    core : nn.Parameter
+        The core tensor.
+    factors : nn.ParameterList
+        The factor matrices, orthonormal columns after initialization.
+    bias : nn.Parameter or None
+    adaptive_modes : tuple of int
+        Modes whose rank a rank-adaptive optimizer may change; the others keep their rank.
+    """
+
+    core: nn.Parameter
+    factors: nn.ParameterList
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        ranks: tuple[int, ...],
+        adaptive_modes: tuple[int, ...],
+        bias: bool,
+        device: Any,
+        dtype: Any,
+    ) -> None:
+        super().__init__()
+        self._weight_shape = tuple(int(n) for n in weight_shape)
+        self.adaptive_modes = adaptive_modes
+        kw = {"device": device, "dtype": dtype}
+        self.core = nn.Parameter(torch.empty(ranks, **kw))
+        self.factors = nn.ParameterList(
+            [nn.Parameter(torch.empty((n, r), **kw)) for n, r in zip(self._weight_shape, ranks)]
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self._weight_shape[0], **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ shape information
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the (never formed) dense weight, as in the dense layer."""
+        return self._weight_shape
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Current multilinear rank (the core's shape)."""
+        return tuple(int(s) for s in self.core.shape)
+
+    @property
+    @abc.abstractmethod
+    def fan_in(self) -> int:
+        """Inputs per output (PyTorch's ``fan_in`` of the same dense layer)."""
+
+    # ------------------------------------------------------------------ initialization
+    def reset_parameters(self) -> None:
+        """Random initialization at the current ranks, the dense layer's weight statistics.
+
+        Factors: orthonormal columns (QR of a Gaussian matrix, signs fixed by ``diag(R) > 0``).
+        Core: i.i.d. Gaussian, scaled so that the dense weight has the mean entry variance of
+        PyTorch's default (Kaiming-uniform, ``a=√5``) initialization of the same dense layer,
+        ``1 / (3 fan_in)``: with orthonormal factors ``‖W‖_F = ‖C‖_F``. Bias: uniform in
+        ``±1/√fan_in``, as in ``nn.Linear`` / ``nn.Conv2d``. Uses torch's default generator
+        (``torch.manual_seed`` makes it reproducible).
+        """
+        work = torch.promote_types(self.core.dtype, torch.float32)
+        with torch.no_grad():
+            for u in self.factors:
+                g = torch.randn(u.shape, device=u.device, dtype=work)
+                q, r = torch.linalg.qr(g)
+                signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(work)
+                u.copy_(q * signs)
+            variance = 1.0 / (3.0 * self.fan_in)
+            scale = math.sqrt(variance * math.prod(self._weight_shape) / self.core.numel())
+            self.core.copy_(
+                torch.randn(self.core.shape, device=self.core.device, dtype=work) * scale
+            )
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.fan_in)
+                self.bias.uniform_(-bound, bound)
+
+    # ------------------------------------------------------------------ Tucker view
+    def tucker(self) -> tm.TuckerTensor:
+        """The weight as a :class:`tuckerman.TuckerTensor` of the current parameters.
+
+        The arrays are detached views: they share storage with ``core`` and ``factors`` (no copy,
+        no autograd graph). For the optimizer and the core's functions (``tm.augment_basis``,
+        ``tm.truncate_core``, ...); write new values back with :meth:`set_tucker`.
+        """
+        return tm.TuckerTensor(self.core.detach(), [u.detach() for u in self.factors])
+
+    def set_tucker(self, x: tm.TuckerTensor) -> None:
+        """Replace the weight by ``x``, whose ranks may differ from the current ones.
+
+        ``core`` and every ``factors[k]`` become **new** ``nn.Parameter`` objects (copies of
+        ``x``'s arrays, cast to this layer's dtype and device) with the ``requires_grad`` flags of
+        the old ones; the bias is kept. An optimizer holding the old parameters must be told:
+        ``tuckerman``'s TDLRT optimizer does this itself; a plain ``torch.optim`` optimizer has to
+        be rebuilt (or its param groups updated) after a call.
+
+        Any ranks ``1 <= r_k <= weight_shape[k]`` are accepted, including the rank-deficient
+        cores of an augmented point (``tm.augment_basis``).
+
+        Raises
+        ------
+        TypeError
+            If ``x`` is not a TuckerTensor of torch tensors.
+        ValueError
+            If ``x.shape`` differs from :attr:`weight_shape` or a rank exceeds its mode size.
+        """
+        owner = type(self).__name__
+        if not isinstance(x, tm.TuckerTensor):
+            raise TypeError(f"{owner}.set_tucker expects a tuckerman.TuckerTensor, got {type(x)}")
+        arrays = [x.core, *x.factors]
+        if not all(isinstance(a, torch.Tensor) for a in arrays):
+            raise TypeError(
+                f"{owner}.set_tucker expects a TuckerTensor of torch tensors, got "
+                f"{', '.join(sorted({type(a).__name__ for a in arrays}))}"
+            )
+        if x.shape != self._weight_shape:
+            raise ValueError(
+                f"{owner}.set_tucker: the Tucker tensor has shape {x.shape} but the layer's "
+                f"weight has shape {self._weight_shape}"
+            )
+        for k, (r, n) in enumerate(zip(x.ranks, x.shape)):
+            if not 1 <= r <= n:
+                raise ValueError(
+                    f"{owner}.set_tucker: ranks {x.ranks} need 1 <= ranks[{k}] <= {n} "
+                    f"(weight shape {self._weight_shape})"
+                )
+        self._replace(x.core, x.factors)
+
+    def _replace(self, core: torch.Tensor, factors: Sequence[torch.Tensor]) -> None:
+        kw = {"device": self.core.device, "dtype": self.core.dtype}
+
+        def fresh(a: torch.Tensor, old: nn.Parameter) -> nn.Parameter:
+            data = a.detach().to(**kw).clone(memory_format=torch.contiguous_format)
+            return nn.Parameter(data, requires_grad=old.requires_grad)
+
+        self.core = fresh(core, self.core)
+        for k, u in enumerate(factors):
+            self.factors[k] = fresh(u, self.factors[k])
+
+    # ------------------------------------------------------------------ dense forms and counts
+    def dense_weight(self) -> torch.Tensor:
+        """The full weight ``C ×_k U_k`` in the dense layer's layout (differentiable).
+
+        Allocates ``prod(weight_shape)`` entries: for tests, merging and export, never used by
+        the forward pass.
+        """
+        return tm.TuckerTensor(self.core, list(self.factors)).to_dense()
+
+    def num_parameters(self) -> int:
+        """Parameters held now: core, factors and bias."""
+        n = self.core.numel() + sum(u.numel() for u in self.factors)
+        return n + (self.bias.numel() if self.bias is not None else 0)
+
+    def num_parameters_dense(self) -> int:
+        """Parameters of the same dense layer: ``prod(weight_shape)`` plus the bias."""
+        n = math.prod(self._weight_shape)
+        return n + (self.bias.numel() if self.bias is not None else 0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        """Resize ``core`` and ``factors`` to the saved ranks before the usual loading.
+
+        A checkpoint saved after a rank change has other shapes than a fresh layer; when the
+        saved core and factors are consistent with each other and with :attr:`weight_shape`,
+        the parameters are first replaced by new ones of the saved shapes (see
+        :meth:`set_tucker` about optimizers), then loaded. Inconsistent shapes are left to
+        PyTorch's size-mismatch error.
+        """
+        core = state_dict.get(prefix + "core")
+        factors = [state_dict.get(f"{prefix}factors.{k}") for k in range(len(self.factors))]
+        if (
+            isinstance(core, torch.Tensor)
+            and all(isinstance(u, torch.Tensor) for u in factors)
+            and core.ndim == len(factors)
+            and all(
+                tuple(u.shape) == (n, r) for u, n, r in zip(factors, self._weight_shape, core.shape)
+            )
+            and tuple(core.shape) != self.ranks
+        ):
+            with torch.no_grad():
+                kw = {"device": self.core.device, "dtype": self.core.dtype}
+                self._replace(
+                    torch.empty(core.shape, **kw),
+                    [torch.empty(u.shape, **kw) for u in factors],
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def _tucker_of_dense(
+        cls,
+        weight: torch.Tensor,
+        ranks: tuple[int, ...],
+        tau: float | None,
+        adaptive_modes: tuple[int, ...],
+    ) -> tm.TuckerTensor:
+        """HOSVD of a dense weight; with ``tau`` only the adaptive modes are cut by tolerance."""
+        work = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+        if tau is None:
+            return tm.hosvd(work, ranks)
+        tau = float(tau)
+        if not (math.isfinite(tau) and tau >= 0):
+            raise ValueError(f"{cls.__name__}.from_dense: tau must be finite and >= 0, got {tau}")
+        # exact HOSVD at the rank caps of the fixed modes, then per-mode truncation of the
+        # (all-orthogonal) core: the adaptive modes keep the smallest ranks whose discarded
+        # singular values have norm <= tau ||W|| / sqrt(#adaptive), capped by `ranks`
+        caps = tuple(
+            full if k in adaptive_modes else r
+            for k, (r, full) in enumerate(zip(ranks, full_ranks(weight.shape)))
+        )
+        x = tm.hosvd(work, caps)
+        if not adaptive_modes:
+            return x
+        norm = float(torch.linalg.vector_norm(work))
+        x, _ = tm.truncate_core(
+            x,
+            tau=tau * norm / math.sqrt(len(adaptive_modes)),
+            absolute=True,
+            ranks=ranks,
+            max_rank=ranks,
+            adaptive_modes=adaptive_modes,
+        )
+        return x
+
+
+# --------------------------------------------------------------------------- Linear
+class TuckerLinear(AbstractTuckerLayer):
+    r"""``nn.Linear`` with a low-rank weight ``W = U_1 C U_2ᵀ`` (the matrix case of Tucker).
+
+    ``W`` (``out_features × in_features``) is ``C ×_1 U_1 ×_2 U_2``; the forward pass computes
+    ``((x U_2) Cᵀ) U_1ᵀ + b`` and never forms ``W``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool
+        Learn an additive bias (applied once, after the last product).
+    ranks : None, int, float or (int, int)
+        None: full rank ``min(in, out)``. An int ``r``: ``(r, r)``. A float in (0, 1]: that
+        fraction of the full rank. A pair must be equal (a matrix's row and column ranks are).
+    adaptive_modes : sequence of int
+        Modes a rank-adaptive optimizer may change: 0 (output) and 1 (input) by default.
+    device, dtype
+        As for ``nn.Linear`` (real floating dtypes only).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tuckerman.integrations.torch import TuckerLinear
+    >>> layer = TuckerLinear(20, 10, ranks=4)
+    >>> layer.ranks, layer.num_parameters(), layer(torch.ones(3, 20)).shape
+    ((4, 4), 146, torch.Size([3, 10]))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        ranks: Any = None,
+        adaptive_modes: Sequence[int] = (0, 1),
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        owner = "TuckerLinear"
+        self.in_features = _positive_int(in_features, f"{owner}: in_features")
+        self.out_features = _positive_int(out_features, f"{owner}: out_features")
+        shape = (self.out_features, self.in_features)
+        owner = f"TuckerLinear(in_features={in_features}, out_features={out_features})"
+        super().__init__(
+            shape,
+            resolve_ranks(shape, ranks, owner=owner),
+            _check_modes(adaptive_modes, 2, owner),
+            bool(bias),
+            device,
+            _floating_dtype(dtype, owner),
+        )
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u1, u2 = self.factors
+        h = torch.matmul(x, u2)  # (..., r_2)
+        h = F.linear(h, self.core)  # (..., r_1)
+        return F.linear(h, u1, self.bias)  # (..., out), bias once
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Linear,
+        ranks: Any = None,
+        tau: float | None = None,
+        adaptive_modes: Sequence[int] = (0, 1),
+    ) -> TuckerLinear:
+        """A TuckerLinear initialized by HOSVD (here: truncated SVD) of ``module.weight``.
+
+        Parameters
+        ----------
+        module : nn.Linear
+        ranks : as in the constructor
+            Rank caps (None: full rank, which reproduces ``module`` exactly).
+        tau : float, optional
+            Relative tolerance: ranks of the adaptive modes are the smallest with
+            ``‖W - W_tucker‖_F <= tau ‖W‖_F`` (capped by ``ranks``).
+        adaptive_modes : sequence of int
+
+        The bias is copied; dtype and device follow ``module.weight``.
+        """
+        return cls._from_dense(module, ranks, tau, adaptive_modes, clip=False)
+
+    @classmethod
+    def _from_dense(
+        cls, module: nn.Linear, ranks: Any, tau: Any, adaptive_modes: Any, clip: bool
+    ) -> TuckerLinear:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"TuckerLinear.from_dense expects an nn.Linear, got {type(module)}")
+        w = module.weight
+        owner = f"TuckerLinear.from_dense({module})"
+        r = resolve_ranks(tuple(w.shape), ranks, owner=owner, clip=clip)
+        modes = _check_modes(adaptive_modes, 2, owner)
+        layer = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            ranks=r,
+            adaptive_modes=modes,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        _copy_from_dense(layer, module, cls._tucker_of_dense(w, r, tau, modes))
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, ranks={self.ranks}, "
+            f"adaptive_modes={self.adaptive_modes}"
+        )
+
+
+# --------------------------------------------------------------------------- Conv2d
+class TuckerConv2d(AbstractTuckerLayer):
+    r"""``nn.Conv2d`` with a Tucker weight, evaluated in three stages.
+
+    The weight ``W ∈ R^{C_out × C_in × k_h × k_w}`` is ``C ×_1 U_1 ×_2 U_2 ×_3 U_3 ×_4 U_4``.
+    The forward pass never forms it:
+
+    1. a 1×1 convolution ``C_in → r_2`` with ``U_2ᵀ``,
+    2. the ``k_h × k_w`` convolution ``r_2 → r_1`` with the small kernel ``C ×_3 U_3 ×_4 U_4``,
+       honouring ``stride``, ``padding`` (ints, pairs, ``"same"``, ``"valid"``), ``dilation``
+       and ``padding_mode`` exactly as ``nn.Conv2d`` does (non-zero padding modes pad with
+       ``F.pad`` first, which commutes with stage 1),
+    3. a 1×1 convolution ``r_1 → C_out`` with ``U_1``, adding the bias (once).
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode
+        As for ``nn.Conv2d``.
+    groups : int
+        Must be 1. A grouped convolution's weight is block-diagonal in the channel modes; a
+        Tucker factorization of the channel modes (dense ``U_1``, ``U_2``) does not preserve that
+        structure, so the layer could not compute the grouped convolution it was asked for. A
+        ``ValueError`` is raised instead of silently computing something else.
+    ranks : None, int, float or tuple
+        None: full multilinear rank. An int ``r``: channel ranks ``(r, r)``, kernel modes full.
+        A float in (0, 1]: that fraction of each channel mode's full rank, kernel modes full.
+        A pair: the channel ranks ``(r_out, r_in)``, kernel modes full. Four ints: every mode.
+        Ranks must be feasible (``r_k <= n_k`` and ``r_k <= prod_{j≠k} r_j``).
+    adaptive_modes : sequence of int
+        Modes a rank-adaptive optimizer may change. Default ``(0, 1)``: the output and input
+        channels. The window modes (2, 3) stay at full rank by default: they have 1 to 7
+        entries, so compressing them saves little and costs accuracy ("little is gained
+        compressing the small window modes", RobustDLRT); they are still factors, so passing
+        ``adaptive_modes=(0, 1, 2, 3)`` makes them adaptive too.
+    device, dtype
+        As for ``nn.Conv2d`` (real floating dtypes only).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from tuckerman.integrations.torch import TuckerConv2d
+    >>> layer = TuckerConv2d(16, 32, 3, padding=1, ranks=(8, 4))
+    >>> layer.ranks, layer(torch.ones(2, 16, 10, 10)).shape
+    ((8, 4, 3, 3), torch.Size([2, 32, 10, 10]))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        ranks: Any = None,
+        adaptive_modes: Sequence[int] = (0, 1),
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        owner = "TuckerConv2d"
+        self.in_channels = _positive_int(in_channels, f"{owner}: in_channels")
+        self.out_channels = _positive_int(out_channels, f"{owner}: out_channels")
+        self.kernel_size = _int_pair(kernel_size, f"{owner}: kernel_size", 1)
+        self.stride = _int_pair(stride, f"{owner}: stride", 1)
+        self.dilation = _int_pair(dilation, f"{owner}: dilation", 1)
+        self.groups = _positive_int(groups, f"{owner}: groups")
+        if self.groups != 1:
+            raise ValueError(_groups_message(owner, groups, in_channels, out_channels))
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(
+                f"{owner}: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}"
+            )
+        self.padding_mode = padding_mode
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(
+                    f"{owner}: padding string must be 'same' or 'valid', got {padding!r}"
+                )
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(
+                    f"{owner}: padding='same' is not supported for strided convolutions "
+                    f"(stride={self.stride})"
+                )
+            self.padding: str | tuple[int, int] = padding
+            pads = [0, 0, 0, 0]  # F.pad order: (left, right, top, bottom)
+            if padding == "same":
+                for i, (dil, k) in enumerate(zip(self.dilation, self.kernel_size)):
+                    total = dil * (k - 1)
+                    j = 2 * (1 - i)  # height pads go last in F.pad order
+                    pads[j], pads[j + 1] = total // 2, total - total // 2
+        else:
+            self.padding = _int_pair(padding, f"{owner}: padding", 0)
+            ph, pw = self.padding
+            pads = [pw, pw, ph, ph]
+        self._reversed_padding_repeated_twice = tuple(pads)
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        owner = (
+            f"TuckerConv2d(in_channels={in_channels}, out_channels={out_channels}, "
+            f"kernel_size={self.kernel_size})"
+        )
+        super().__init__(
+            shape,
+            resolve_ranks(shape, ranks, owner=owner),
+            _check_modes(adaptive_modes, 4, owner),
+            bool(bias),
+            device,
+            _floating_dtype(dtype, owner),
+        )
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def kernel(self) -> torch.Tensor:
+        """The stage-2 kernel ``C ×_3 U_3 ×_4 U_4``, shape ``(r_1, r_2, k_h, k_w)``."""
+        _, _, u3, u4 = self.factors
+        return torch.einsum("abij,ki,lj->abkl", self.core, u3, u4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.ndim == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"TuckerConv2d expects input of shape (N, {self.in_channels}, H, W) or "
+                f"({self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        u1, u2 = self.factors[0], self.factors[1]
+        kernel = self.kernel()
+        n, c, hh, ww = x.shape
+        r1, r2 = self.ranks[0], self.ranks[1]
+        cpu = x.device.type == "cpu"
+        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+        # stage 1: C_in -> r_2 (1x1, U_2ᵀ), in the input's memory layout, without a copy of x
+        if nhwc:
+            h = torch.matmul(x.permute(0, 2, 3, 1), u2).permute(0, 3, 1, 2)  # channels-last
+        else:
+            h = torch.bmm(u2.mT.expand(n, r2, c), x.reshape(n, c, hh * ww))
+            h = h.view(n, r2, hh, ww)
+
+        # stage 2: the small k_h x k_w conv r_2 -> r_1, with nn.Conv2d's padding semantics
+        if self.padding_mode != "zeros":
+            h = F.pad(h, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding: Any = 0
+        else:
+            padding = self.padding
+        if cpu:  # oneDNN is much faster channels-last at these small channel counts
+            h = h.contiguous(memory_format=torch.channels_last)
+            kernel = kernel.contiguous(memory_format=torch.channels_last)
+        h = F.conv2d(h, kernel, None, self.stride, padding, self.dilation)
+        _, _, ho, wo = h.shape
+
+        # stage 3: r_1 -> C_out (1x1, U_1) and the bias, once
+        if nhwc:
+            y = F.linear(h.permute(0, 2, 3, 1), u1, self.bias).permute(0, 3, 1, 2)
+        else:
+            h = h.contiguous().view(n, r1, ho * wo)
+            if self.bias is None:
+                y = torch.bmm(u1.expand(n, -1, r1), h)
+            else:
+                y = torch.baddbmm(self.bias.view(1, -1, 1), u1.expand(n, -1, r1), h)
+            y = y.view(n, self.out_channels, ho, wo)
+        return y.squeeze(0) if unbatched else y
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Conv2d,
+        ranks: Any = None,
+        tau: float | None = None,
+        adaptive_modes: Sequence[int] = (0, 1),
+    ) -> TuckerConv2d:
+        """A TuckerConv2d initialized by HOSVD of ``module.weight``, same hyperparameters.
+
+        Parameters
+        ----------
+        module : nn.Conv2d
+            ``groups`` must be 1.
+        ranks : as in the constructor
+            Rank caps (None: full rank, which reproduces ``module`` to rounding).
+        tau : float, optional
+            Relative tolerance: the adaptive modes get the smallest ranks with
+            ``‖W - W_tucker‖_F <= tau ‖W‖_F`` (capped by ``ranks``); the other modes keep
+            ``ranks`` (full by default for the kernel modes).
+        adaptive_modes : sequence of int
+
+        The bias is copied; dtype and device follow ``module.weight``.
+        """
+        return cls._from_dense(module, ranks, tau, adaptive_modes, clip=False)
+
+    @classmethod
+    def _from_dense(
+        cls, module: nn.Conv2d, ranks: Any, tau: Any, adaptive_modes: Any, clip: bool
+    ) -> TuckerConv2d:
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"TuckerConv2d.from_dense expects an nn.Conv2d, got {type(module)}")
+        w = module.weight
+        if module.groups != 1:
+            raise ValueError(
+                _groups_message(
+                    "TuckerConv2d.from_dense",
+                    module.groups,
+                    module.in_channels,
+                    module.out_channels,
+                )
+            )
+        owner = f"TuckerConv2d.from_dense({module})"
+        r = resolve_ranks(tuple(w.shape), ranks, owner=owner, clip=clip)
+        modes = _check_modes(adaptive_modes, 4, owner)
+        layer = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            ranks=r,
+            adaptive_modes=modes,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        _copy_from_dense(layer, module, cls._tucker_of_dense(w, r, tau, modes))
+        return layer
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}"
+        )
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + f", ranks={self.ranks}, adaptive_modes={self.adaptive_modes}"
+
+
+def _groups_message(owner: str, groups: int, in_channels: int, out_channels: int) -> str:
+    return (
+        f"{owner}: groups={groups} is not supported (in_channels={in_channels}, "
+        f"out_channels={out_channels}). A grouped convolution's weight is block-diagonal in "
+        "the channel modes, which a Tucker factorization of the channel modes does not "
+        "preserve; keep the layer dense (tuckerize skips grouped convolutions) or factorize "
+        "each group's convolution separately"
+    )
+
+
+def _copy_from_dense(layer: AbstractTuckerLayer, module: nn.Module, x: tm.TuckerTensor) -> None:
+    with torch.no_grad():
+        layer._replace(x.core, x.factors)
+        if layer.bias is not None:
+            layer.bias.copy_(module.bias)
+    requires_grad = module.weight.requires_grad
+    for p in (layer.core, *layer.factors):
+        p.requires_grad_(requires_grad)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(module.bias.requires_grad)
+    layer.train(module.training)
