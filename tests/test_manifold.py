@@ -150,8 +150,12 @@ def test_sparse_ambient_projection_and_hessian(backend, dtype, rtol):
     vals = xp.asarray(rng.standard_normal(40), dtype=dtype, **kw)
     S = tm.SparseTensor(idx, vals, M.shape)
     dense = S.to_dense()
-    assert rel(M.tangent_to_dense(x, M.project(x, S)),
-               host(M.tangent_to_dense(x, M.project(x, dense)))) <= rtol
+    assert (
+        rel(
+            M.tangent_to_dense(x, M.project(x, S)), host(M.tangent_to_dense(x, M.project(x, dense)))
+        )
+        <= rtol
+    )
     v = M.random_tangent(x, key=2)
     h_s = M.ehess_to_rhess(x, S, S, v)
     h_d = M.ehess_to_rhess(x, dense, dense, v)
