@@ -30,6 +30,7 @@ from tuckerman._tucker import (
     truncate,
     unfold,
 )
+from tuckerman._validate import feasible_ranks
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "augment_basis",
     "core_gradient",
     "entries",
+    "feasible_ranks",
     "fixed_rank_step",
     "galerkin_step",
     "tdlrt_step",

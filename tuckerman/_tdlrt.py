@@ -26,7 +26,7 @@ from tuckerman._compat import is_array, namespace_of
 from tuckerman._manifold import FixedRankTucker, _contract_q, _core_qr
 from tuckerman._sparse import SparseTensor, sparse_all_but_one
 from tuckerman._tucker import TuckerTensor, _as_tucker, _mp, _rank_from_tol, _unfold
-from tuckerman._validate import check_tol
+from tuckerman._validate import check_tol, feasible_ranks
 
 __all__ = [
     "augment",
@@ -267,15 +267,6 @@ def galerkin_step(x: TuckerTensor, core_grad: Any, *, lr: Any) -> TuckerTensor:
 
 
 # --------------------------------------------------------------------------- 4: truncation
-def _feasible(ranks: list[int]) -> list[int]:
-    while True:
-        bad = [k for k, r in enumerate(ranks) if r > math.prod(ranks) // r]
-        if not bad:
-            return ranks
-        k = max(bad, key=lambda j: ranks[j])
-        ranks[k] = math.prod(ranks) // ranks[k]
-
-
 def truncate_core(
     x: TuckerTensor,
     *,
@@ -354,7 +345,7 @@ def truncate_core(
         else:
             r = fixed[k]
         chosen.append(max(1, min(r, available, x.shape[k])))
-    chosen = _feasible(chosen)
+    chosen = list(feasible_ranks(chosen))
     maps = tuple(p[:, :r].mT for p, r in zip(svds, chosen))
     core = x.core
     for k, m in enumerate(maps):

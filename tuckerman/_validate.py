@@ -6,7 +6,14 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["as_shape", "as_ranks", "check_tol", "check_real_floating", "feasible_ranks_error"]
+__all__ = [
+    "as_shape",
+    "as_ranks",
+    "check_tol",
+    "check_real_floating",
+    "feasible_ranks",
+    "feasible_ranks_error",
+]
 
 
 def _as_positive_ints(values: Any, what: str) -> tuple[int, ...]:
@@ -54,6 +61,30 @@ def feasible_ranks_error(shape: tuple[int, ...], ranks: tuple[int, ...]) -> str 
                 "no core of that multilinear rank exists"
             )
     return None
+
+
+def feasible_ranks(ranks: Any, shape: Any = None) -> tuple[int, ...]:
+    """The given ranks, lowered until feasible: ``r_k <= n_k`` (when ``shape`` is given) and
+    ``r_k <= prod_{j≠k} r_j`` (largest offender first, each lowered to that product).
+
+    Examples
+    --------
+    >>> import tuckerman as tm
+    >>> tm.feasible_ranks((1, 2, 5)), tm.feasible_ranks((9, 9, 9), shape=(4, 30, 30))
+    ((1, 2, 2), (4, 9, 9))
+    """
+    ranks = list(as_ranks(ranks, len(ranks) if hasattr(ranks, "__len__") else 1))
+    if shape is not None:
+        shape = _as_positive_ints(shape, "shape")
+        if len(shape) != len(ranks):
+            raise ValueError(f"ranks {tuple(ranks)} and shape {shape} have different lengths")
+        ranks = [min(r, n) for r, n in zip(ranks, shape)]
+    while True:
+        bad = [k for k, r in enumerate(ranks) if r > math.prod(ranks) // r]
+        if not bad:
+            return tuple(ranks)
+        k = max(bad, key=lambda j: ranks[j])
+        ranks[k] = math.prod(ranks) // ranks[k]
 
 
 def check_tol(tol: Any, what: str = "tol") -> float | None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tuckerman as tm
-from tuckerman._validate import feasible_ranks_error
+from tuckerman._validate import feasible_ranks, feasible_ranks_error
 
 __all__ = ["AbstractTuckerLayer", "TuckerLinear", "TuckerConv2d"]
 
@@ -76,23 +76,13 @@ def _floating_dtype(dtype: Any, owner: str) -> torch.dtype:
     return dtype
 
 
-def _lower_to_feasible(ranks: list[int]) -> list[int]:
-    """Lower ranks until ``r_k <= prod_{j != k} r_j`` for every mode (largest offender first)."""
-    while True:
-        bad = [k for k, r in enumerate(ranks) if r > math.prod(ranks) // r]
-        if not bad:
-            return ranks
-        k = max(bad, key=lambda j: ranks[j])
-        ranks[k] = math.prod(ranks) // ranks[k]
-
-
 def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
     """The largest feasible multilinear rank of a tensor of ``shape``.
 
     ``min(n_k, prod_{j≠k} n_j)`` per mode, lowered until feasible.
     """
     shape = tuple(int(n) for n in shape)
-    return tuple(_lower_to_feasible([min(n, math.prod(shape) // n) for n in shape]))
+    return feasible_ranks([min(n, math.prod(shape) // n) for n in shape])
 
 
 def resolve_ranks(
@@ -130,7 +120,7 @@ def resolve_ranks(
                 f"got {ranks!r}"
             )
         wanted = [max(1, math.floor(f * full[k] + 0.5)) for k in range(2)] + list(full[2:])
-        return tuple(_lower_to_feasible(wanted))
+        return feasible_ranks(wanted)
     if isinstance(ranks, bool):
         raise TypeError(f"{owner}: ranks must be an int, a float in (0, 1] or a tuple, got {ranks}")
     if isinstance(ranks, numbers.Integral):
@@ -156,7 +146,7 @@ def resolve_ranks(
             raise ValueError(f"{owner}: ranks must be positive, got ranks[{k}] = {r} in {ranks}")
     ranks = tuple(int(r) for r in ranks)
     if clip:
-        return tuple(_lower_to_feasible([min(r, n) for r, n in zip(ranks, shape)]))
+        return feasible_ranks([min(r, n) for r, n in zip(ranks, shape)])
     why = feasible_ranks_error(shape, ranks)
     if why is not None:
         hint = " (a matrix's row and column ranks are equal)" if d == 2 else ""

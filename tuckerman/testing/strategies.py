@@ -31,6 +31,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the test
 import tuckerman.backends as backends
 from tuckerman._compat import namespace_from_name
 from tuckerman._manifold import FixedRankTucker
+from tuckerman._validate import feasible_ranks
 from tuckerman.testing._build import conditioned_point
 
 __all__ = [
@@ -41,17 +42,6 @@ __all__ = [
     "tangent_vectors",
     "ambient_tensors",
 ]
-
-
-def _make_feasible(ranks: list[int]) -> tuple[int, ...]:
-    """Lower ranks until r_k <= prod_{j≠k} r_j for every k (all ones is always feasible)."""
-    ranks = list(ranks)
-    while True:
-        bad = [k for k, r in enumerate(ranks) if r > math.prod(ranks) // r]
-        if not bad:
-            return tuple(ranks)
-        k = max(bad, key=lambda j: ranks[j])
-        ranks[k] -= 1
 
 
 @st.composite
@@ -72,7 +62,7 @@ def shapes_and_ranks(
     shape = tuple(draw(st.integers(min_size, max_size)) for _ in range(d))
     cap = [n if max_rank is None else min(n, max_rank) for n in shape]
     ranks = [draw(st.integers(1, c)) for c in cap]
-    return shape, _make_feasible(ranks)
+    return shape, feasible_ranks(ranks)
 
 
 @st.composite
