@@ -4,6 +4,7 @@ The core is written once against the Python array API standard: it works on NumP
 JAX, CuPy and array_api_strict arrays, taking the namespace from its inputs.
 """
 
+from tuckerman._factor_grads import rgrad_from_factor_grads
 from tuckerman._manifold import FixedRankTucker, TangentVector, core_condition
 from tuckerman._sparse import SparseTensor, entries
 from tuckerman._tdlrt import (
@@ -58,6 +59,7 @@ __all__ = [
     "mode_product",
     "multi_mode_product",
     "norm",
+    "rgrad_from_factor_grads",
     "scale",
     "truncate",
     "unfold",

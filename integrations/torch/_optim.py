@@ -342,8 +342,6 @@ class TDLRT(torch.optim.Optimizer):
 
 def _tangent_tucker(x: tm.TuckerTensor, core_grad: Any, factor_grads: list) -> tm.TuckerTensor:
     """The Riemannian gradient at ``x`` from one backward pass, as a Tucker tensor."""
-    from tuckerman.solvers._autodiff import rgrad_from_factor_grads
-
     manifold = tm.FixedRankTucker(x.shape, x.ranks)
-    g = rgrad_from_factor_grads(manifold, x, core_grad, factor_grads)
+    g = tm.rgrad_from_factor_grads(manifold, x, core_grad, factor_grads)
     return manifold.tangent_to_tucker(x, g)
