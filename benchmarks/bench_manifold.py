@@ -46,7 +46,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import BUSY_SHARE, CpuMonitor, cpu_model, git, wait_until_idle  # noqa: E402
 
 import tuckerman as tm
 
@@ -74,7 +74,6 @@ TARGET_MEMORY = 0.05  # peak bytes / dense bytes
 SEED_POINT, SEED_TANGENT, SEED_AMBIENT = 0, 1, 2
 SAMPLE_SECONDS = 0.005  # a sample of a fast operation averages calls for about this long
 NOISY_SPREAD = 1.5  # median / best above this: the machine was disturbed during the measurement
-BUSY_SHARE = 0.05  # other processes used more than this share of the CPUs: disturbed
 
 
 # --------------------------------------------------------------------------- timing
@@ -142,61 +141,6 @@ def compare(op: Callable[[], Any], base: Callable[[], Any], *, rounds: int, warm
 
 
 # --------------------------------------------------------------------------- environment
-class CpuMonitor:
-    """CPU seconds that *other* processes used while this one ran (Linux ``/proc/stat``).
-
-    The machine is shared: another process computing at the same time stalls multi-threaded BLAS
-    (a GEMM waits for its slower thread), which shows up as slow, quantized samples.
-    """
-
-    def __init__(self) -> None:
-        self.start = self._read()
-
-    @staticmethod
-    def _read() -> tuple[float, float, float] | None:
-        try:
-            with open("/proc/stat") as fh:
-                fields = [int(f) for f in fh.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
-        mine = sum(os.times()[:4])
-        return busy / ticks, mine, time.perf_counter()
-
-    def report(self) -> dict:
-        end = self._read()
-        if self.start is None or end is None:
-            return {"other_processes_cpu_s": None}
-        other = max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1]))
-        wall = end[2] - self.start[2]
-        return {
-            "other_processes_cpu_s": round(other, 2),
-            "wall_s": round(wall, 2),
-            "other_processes_cpu_share": round(other / (wall * (os.cpu_count() or 1)), 3),
-            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        }
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _blas_info() -> dict:
@@ -219,28 +163,15 @@ def _blas_info() -> dict:
     return info
 
 
-def wait_until_idle(timeout: float, window: float = 3.0) -> float:
-    """Wait (at most ``timeout`` s) until other processes use < BUSY_SHARE of the CPUs for
-    ``window`` s; returns the seconds waited."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        monitor = CpuMonitor()
-        time.sleep(window)
-        share = monitor.report().get("other_processes_cpu_share")
-        if share is None or share < BUSY_SHARE:
-            break
-    return time.perf_counter() - start
-
-
 def environment() -> dict:
-    dirty = _git("status", "--porcelain", "--", "tuckerman", "backends")
+    dirty = git("status", "--porcelain", "--", "tuckerman", "backends")
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": git("rev-parse", "HEAD"),
         "core_uncommitted_changes": None if dirty is None else bool(dirty),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "numpy": np.__version__,
         "tuckerman": tm.__version__,

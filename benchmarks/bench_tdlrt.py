@@ -55,13 +55,13 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import BUSY_SHARE, CpuMonitor, git, wait_until_idle  # noqa: E402
 
 import tuckerman as tm
 from tuckerman.solvers import Problem, TuckerDomain, rank_adaptive, rcg, rgd, trust_region
@@ -80,7 +80,7 @@ CONFIGS = (
 STEP = 10.0  # fixed RGD step for the iteration rows (about what Armijo accepts here)
 LR, TAU, MAX_RANK = 1.8, 0.1, 10  # TDLRT settings of examples/tensor_completion.py
 SEED_DATA, SEED_POINT = 0, 1
-NOISY_SPREAD, BUSY_SHARE = 1.5, 0.05
+NOISY_SPREAD = 1.5
 
 
 # --------------------------------------------------------------------------- the problem
@@ -178,41 +178,6 @@ def make_structured_iteration(M, cost, egrad):
 
 
 # --------------------------------------------------------------------------- timing
-class CpuMonitor:
-    """CPU seconds that other processes used while this one ran (Linux ``/proc/stat``)."""
-
-    def __init__(self) -> None:
-        self.start = self._read()
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat") as fh:
-                fields = [int(f) for f in fh.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = sum(fields) - fields[3] - fields[4]
-        return busy / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4]), time.perf_counter()
-
-    def share(self) -> float | None:
-        end = self._read()
-        if self.start is None or end is None:
-            return None
-        other = max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1]))
-        return round(other / ((end[2] - self.start[2]) * (os.cpu_count() or 1)), 3)
-
-
-def wait_until_idle(timeout: float, window: float = 3.0) -> float:
-    """Wait (at most ``timeout`` s) until other processes use < BUSY_SHARE of the CPUs for
-    ``window`` s; returns the seconds waited."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        monitor = CpuMonitor()
-        time.sleep(window)
-        share = monitor.share()
-        if share is None or share < BUSY_SHARE:
-            break
-    return time.perf_counter() - start
 
 
 def _wall(fn: Callable[[], object]) -> Callable[[], float]:
@@ -275,14 +240,6 @@ def solver_sample(run: Callable[[], object], info: dict) -> Callable[[], float]:
 
 
 # --------------------------------------------------------------------------- environment
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
 
 
 def environment() -> dict:
@@ -297,10 +254,10 @@ def environment() -> dict:
         blas = {k: deps[k].get("name") for k in ("blas", "lapack") if k in deps}
     except Exception as err:  # older NumPy
         blas = f"unavailable ({type(err).__name__})"
-    dirty = _git("status", "--porcelain", "--", "tuckerman", "backends")
+    dirty = git("status", "--porcelain", "--", "tuckerman", "backends")
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": git("rev-parse", "HEAD"),
         "core_uncommitted_changes": None if dirty is None else bool(dirty),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import BUSY_SHARE, CpuMonitor, cpu_model, git, wait_until_idle  # noqa: E402
 from torch import nn
 from tuckerman.integrations.torch import TuckerConv2d
 
@@ -60,83 +60,21 @@ CHANNELS, KERNEL, MAP, BATCH = 256, 3, 32, 32
 TARGET_FRACTION = 0.08  # factorized / dense weight parameters
 TARGET_RATIO = 0.45  # Tucker fwd+bwd time / nn.Conv2d fwd+bwd time
 NOISY_SPREAD = 1.5
-BUSY_SHARE = 0.05
 SEED = 0
 
 
 # --------------------------------------------------------------------------- machine state
-class CpuMonitor:
-    """CPU seconds that *other* processes used while this one ran (Linux ``/proc/stat``)."""
-
-    def __init__(self) -> None:
-        self.start = self._read()
-
-    @staticmethod
-    def _read() -> tuple[float, float, float] | None:
-        try:
-            with open("/proc/stat") as fh:
-                fields = [int(f) for f in fh.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
-        return busy / os.sysconf("SC_CLK_TCK"), sum(os.times()[:4]), time.perf_counter()
-
-    def report(self) -> dict:
-        end = self._read()
-        if self.start is None or end is None:
-            return {"other_processes_cpu_share": None}
-        other = max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1]))
-        wall = end[2] - self.start[2]
-        return {
-            "other_processes_cpu_s": round(other, 2),
-            "wall_s": round(wall, 2),
-            "other_processes_cpu_share": round(other / (wall * (os.cpu_count() or 1)), 3),
-            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        }
-
-
-def wait_until_idle(timeout: float, window: float = 3.0) -> float:
-    """Wait (at most ``timeout`` s) until other processes use < BUSY_SHARE of the CPUs."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        monitor = CpuMonitor()
-        time.sleep(window)
-        share = monitor.report().get("other_processes_cpu_share")
-        if share is None or share < BUSY_SHARE:
-            break
-    return time.perf_counter() - start
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
-    dirty = _git("status", "--porcelain", "--", "tuckerman", "backends", "integrations")
+    dirty = git("status", "--porcelain", "--", "tuckerman", "backends", "integrations")
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": git("rev-parse", "HEAD"),
         "uncommitted_changes": None if dirty is None else bool(dirty),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_num_threads": torch.get_num_threads(),
