@@ -161,30 +161,7 @@ def _convert(
     w = module.weight
     owner = f"tuckerize: layer {name!r} ({module})"
     r = resolve_ranks(tuple(w.shape), spec, owner=owner, clip=True)
-    kw: dict[str, Any] = {"device": w.device, "dtype": w.dtype}
-    if isinstance(module, nn.Conv2d):
-        layer: AbstractTuckerLayer = TuckerConv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            ranks=r,
-            adaptive_modes=modes,
-            **kw,
-        )
-    else:
-        layer = TuckerLinear(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            ranks=r,
-            adaptive_modes=modes,
-            **kw,
-        )
+    layer: AbstractTuckerLayer = cls._like(module, r, modes)
     for p in (layer.core, *layer.factors):
         p.requires_grad_(w.requires_grad)
     if layer.bias is not None:

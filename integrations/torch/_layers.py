@@ -499,17 +499,23 @@ class TuckerLinear(AbstractTuckerLayer):
         owner = f"TuckerLinear.from_dense({module})"
         r = resolve_ranks(tuple(w.shape), ranks, owner=owner, clip=clip)
         modes = _check_modes(adaptive_modes, 2, owner)
-        layer = cls(
+        layer = cls._like(module, r, modes)
+        _copy_from_dense(layer, module, cls._tucker_of_dense(w, r, tau, modes))
+        return layer
+
+    @classmethod
+    def _like(cls, module: nn.Linear, ranks: tuple, adaptive_modes: Any) -> TuckerLinear:
+        """A randomly initialized layer with ``module``'s hyperparameters, dtype and device."""
+        w = module.weight
+        return cls(
             module.in_features,
             module.out_features,
             bias=module.bias is not None,
-            ranks=r,
-            adaptive_modes=modes,
+            ranks=ranks,
+            adaptive_modes=adaptive_modes,
             device=w.device,
             dtype=w.dtype,
         )
-        _copy_from_dense(layer, module, cls._tucker_of_dense(w, r, tau, modes))
-        return layer
 
     def extra_repr(self) -> str:
         return (
@@ -732,7 +738,15 @@ class TuckerConv2d(AbstractTuckerLayer):
         owner = f"TuckerConv2d.from_dense({module})"
         r = resolve_ranks(tuple(w.shape), ranks, owner=owner, clip=clip)
         modes = _check_modes(adaptive_modes, 4, owner)
-        layer = cls(
+        layer = cls._like(module, r, modes)
+        _copy_from_dense(layer, module, cls._tucker_of_dense(w, r, tau, modes))
+        return layer
+
+    @classmethod
+    def _like(cls, module: nn.Conv2d, ranks: tuple, adaptive_modes: Any) -> TuckerConv2d:
+        """A randomly initialized layer with ``module``'s hyperparameters, dtype and device."""
+        w = module.weight
+        return cls(
             module.in_channels,
             module.out_channels,
             module.kernel_size,
@@ -741,13 +755,11 @@ class TuckerConv2d(AbstractTuckerLayer):
             dilation=module.dilation,
             bias=module.bias is not None,
             padding_mode=module.padding_mode,
-            ranks=r,
-            adaptive_modes=modes,
+            ranks=ranks,
+            adaptive_modes=adaptive_modes,
             device=w.device,
             dtype=w.dtype,
         )
-        _copy_from_dense(layer, module, cls._tucker_of_dense(w, r, tau, modes))
-        return layer
 
     def extra_repr(self) -> str:
         s = (
