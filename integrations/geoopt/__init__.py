@@ -1,0 +1,1 @@
+"""geoopt bridge (in progress)."""

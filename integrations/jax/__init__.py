@@ -1,0 +1,1 @@
+"""JAX integration (in progress)."""
