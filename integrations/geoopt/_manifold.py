@@ -1,0 +1,649 @@
+"""The fixed-rank Tucker manifold as a ``geoopt.Manifold`` on packed 1-D tensors.
+
+A point ``X = C ×_1 U_1 ⋯ ×_d U_d`` is stored as one flat tensor ``[vec(C), vec(U_1), ...,
+vec(U_d)]`` (row-major ``reshape``), so that one ``geoopt.ManifoldParameter`` can hold it. Every
+piece of mathematics is delegated to :class:`tuckerman.FixedRankTucker`; this module only packs,
+unpacks and validates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import geoopt
+import torch
+
+from tuckerman._factor_grads import rgrad_from_factor_grads
+from tuckerman._manifold import FixedRankTucker, TangentVector, core_condition
+from tuckerman._tucker import TuckerTensor, mode_product
+
+__all__ = ["TuckerManifold"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+class TuckerManifold(geoopt.Manifold):
+    r"""Tensors of fixed multilinear rank, as a geoopt manifold of packed 1-D tensors.
+
+    A point ``X = C ×_1 U_1 ⋯ ×_d U_d`` (orthonormal ``U_k``, core of full multilinear rank)
+    is the flat tensor ``[vec(C), vec(U_1), ..., vec(U_d)]`` of length :attr:`packed_size`
+    (:meth:`pack`, :meth:`unpack`), so one :class:`geoopt.ManifoldParameter` holds it and
+    :class:`geoopt.optim.RiemannianSGD` / :class:`geoopt.optim.RiemannianAdam` optimize it.
+    All geometry comes from :class:`tuckerman.FixedRankTucker` (embedded metric, projection
+    retraction by truncated HOSVD, transport by projection); the dense tensor is never formed.
+
+    **Packed vectors.** A packed vector ``u = [vec(Ċ), vec(U̇_1), ...]`` at ``x`` (same layout
+    as the points) stands for the tangent tensor
+
+    ``Dφ_x(u) = Ċ ×_1 U_1 ⋯ ×_d U_d + Σ_k C ×_k U̇_k ×_{j≠k} U_j``,
+
+    the first-order change of the tensor when the packed parameter moves along ``u``. Every
+    packed vector stands for some tangent tensor; the gauge ``U_kᵀ U̇_k = 0`` picks one
+    representative per tensor (the tangent space proper, what :meth:`proju`,
+    :meth:`egrad2rgrad` and :meth:`transp` return). :meth:`inner`, :meth:`retr` and
+    :meth:`transp` accept any packed vector and act on ``Dφ_x(u)``: geoopt's optimizers form
+    linear combinations of packed vectors, and this reading keeps those exact.
+
+    **Gradients.** Autograd's gradient with respect to the packed parameter is the pair of
+    core and factor gradients ``(∂f/∂C, ∂f/∂U_k)``, not the dense gradient ``G``;
+    :meth:`egrad2rgrad` turns it into the Riemannian gradient (the projection of ``G``) with
+    :func:`tuckerman.rgrad_from_factor_grads`. geoopt's ``weight_decay`` adds ``wd · x`` to
+    that gradient, i.e. ``∂/∂C`` of ``wd ‖C‖²/2 = wd ‖X‖²/2``: its Riemannian gradient comes out
+    exactly.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Tensor shape ``(n_1, ..., n_d)``, d >= 2.
+    ranks : int or sequence of int
+        Multilinear rank (feasible: ``r_k <= n_k`` and ``r_k <= prod_{j≠k} r_j``).
+
+    Notes
+    -----
+    - ``expmap`` is the retraction (the exponential map of this manifold has no closed form);
+      ``transp_follow_expmap`` hence equals ``transp_follow_retr``.
+    - ``component_inner`` is ``inner(x, u, v, keepdim=True)``, shape ``(1,)``:
+      :class:`~geoopt.optim.RiemannianAdam` then keeps one second-moment scalar per parameter
+      (Riemannian Adam of Bécigneul & Ganea, 2019). An entrywise square of the packed vector
+      would depend on the parametrization and would leave the gauge.
+    - geoopt 0.5.1's :class:`~geoopt.optim.RiemannianSGD` with ``momentum > 0`` seeds its buffer
+      with the raw packed gradient before adding the Riemannian one, so the first step also
+      moves along ``momentum · Dφ_x(∂f/∂C, ∂f/∂U_k)``. That is a descent direction, but its
+      factor part is weighted by ``C_(k)ᵀC_(k)``: with cores of large singular values, warm up
+      the learning rate. From the second step on, the buffer is a tangent vector.
+    - ``geoopt.Manifold.ndim`` is 1 here: the manifold dimensions of a packed tensor are its one
+      axis (no batch dimensions). The tensor order is ``len(manifold.shape)``.
+    - ``dist`` and ``logmap`` are not available (no closed form).
+
+    Examples
+    --------
+    >>> import geoopt, torch
+    >>> from tuckerman.integrations.geoopt import TuckerManifold
+    >>> M = TuckerManifold((6, 7, 8), (2, 3, 2))
+    >>> x = geoopt.ManifoldParameter(M.random(key=0, dtype=torch.float64), manifold=M)
+    >>> target = torch.ones(6, 7, 8, dtype=torch.float64)
+    >>> opt = geoopt.optim.RiemannianSGD([x], lr=0.5)
+    >>> for _ in range(20):
+    ...     opt.zero_grad()
+    ...     loss = 0.5 * ((M.unpack(x).to_dense() - target) ** 2).sum()
+    ...     loss.backward()
+    ...     opt.step()
+    >>> round(loss.item(), 6), M.check_point_on_manifold(x)
+    (0.0, True)
+    """
+
+    name = "Tucker"
+    ndim = 1
+    reversible = False
+
+    def __init__(self, shape: Sequence[int], ranks: Any) -> None:
+        super().__init__()
+        self._fixed_rank = FixedRankTucker(shape, ranks)
+        self._sizes = (
+            math.prod(self._fixed_rank.ranks),
+            *(n * r for n, r in zip(self._fixed_rank.shape, self._fixed_rank.ranks)),
+        )
+
+    # ----------------------------------------------------------------- description
+    @property
+    def fixed_rank(self) -> FixedRankTucker:
+        """The core manifold :class:`tuckerman.FixedRankTucker` that does the mathematics."""
+        return self._fixed_rank
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the tensors on the manifold."""
+        return self._fixed_rank.shape
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The fixed multilinear rank."""
+        return self._fixed_rank.ranks
+
+    @property
+    def packed_size(self) -> int:
+        """Length of a packed point: ``prod r_k + sum_k n_k r_k``."""
+        return sum(self._sizes)
+
+    @property
+    def manifold_dim(self) -> int:
+        """Manifold dimension ``prod r_k + sum_k (n_k r_k - r_k^2)``."""
+        return self._fixed_rank.dim
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, ranks={self.ranks}"
+
+    # ----------------------------------------------------------------- packing
+    def _split(self, t: Any, what: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Validated views ``(core, factors)`` of a packed tensor (differentiable)."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(
+                f"{what} has dtype {t.dtype} (shape {tuple(t.shape)}); {self} needs float32 or "
+                "float64"
+            )
+        if tuple(t.shape) != (self.packed_size,):
+            raise ValueError(
+                f"{what} has shape {tuple(t.shape)}, but packed tensors of {self} have shape "
+                f"({self.packed_size},) = (prod{self.ranks} + sum n_k r_k)"
+            )
+        t = t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+        parts = torch.split(t, self._sizes)
+        core = parts[0].reshape(self.ranks)
+        factors = [p.reshape(n, r) for p, n, r in zip(parts[1:], self.shape, self.ranks)]
+        return core, factors
+
+    def _pair(self, x: Any, u: Any, what: str) -> tuple[TuckerTensor, TangentVector]:
+        point = self.unpack(x)
+        dcore, dfactors = self._split(u, what)
+        if dcore.dtype != point.core.dtype or dcore.device != point.core.device:
+            raise TypeError(
+                f"{what} has dtype {dcore.dtype} on {dcore.device}, but x has dtype "
+                f"{point.core.dtype} on {point.core.device}"
+            )
+        return point, TangentVector(dcore, dfactors)
+
+    def unpack(self, packed: torch.Tensor) -> TuckerTensor:
+        """The Tucker tensor of a packed point; views, differentiable.
+
+        Use it in a model's forward pass: autograd then gives the packed parameter the core and
+        factor gradients that :meth:`egrad2rgrad` expects.
+
+        Parameters
+        ----------
+        packed : torch.Tensor
+            Shape ``(packed_size,)``, float32 or float64.
+
+        Returns
+        -------
+        TuckerTensor
+            ``core`` of shape ``ranks``, ``factors[k]`` of shape ``(shape[k], ranks[k])``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.unpack(M.random(key=0))
+        >>> x.ranks, tuple(x.to_dense().shape)
+        ((2, 2, 2), (4, 5, 6))
+        """
+        core, factors = self._split(packed, "the packed point")
+        return TuckerTensor(core, factors)
+
+    def pack(self, x: TuckerTensor) -> torch.Tensor:
+        """The packed 1-D tensor ``[vec(C), vec(U_1), ..., vec(U_d)]`` of a Tucker tensor.
+
+        Differentiable; the tensor is not checked to lie on the manifold
+        (:meth:`check_point_on_manifold` does that).
+
+        Parameters
+        ----------
+        x : TuckerTensor
+            torch core and factors of this manifold's shape and ranks.
+
+        Examples
+        --------
+        >>> import tuckerman as tm
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.fixed_rank.random_point(key=0, xp="torch")
+        >>> M.pack(x).shape
+        torch.Size([38])
+        """
+        if not isinstance(x, TuckerTensor):
+            raise TypeError(f"x must be a TuckerTensor, got {type(x).__name__}")
+        if x.shape != self.shape or x.ranks != self.ranks:
+            raise ValueError(
+                f"x has shape {x.shape} and ranks {x.ranks}, but {self} has shape {self.shape} "
+                f"and ranks {self.ranks}"
+            )
+        leaves = [x.core, *x.factors]
+        if not all(isinstance(a, torch.Tensor) for a in leaves):
+            raise TypeError(
+                f"x must hold torch tensors, got {sorted({type(a).__name__ for a in leaves})}"
+            )
+        if x.core.dtype not in _DTYPES:
+            raise TypeError(f"x has dtype {x.core.dtype}; {self} needs float32 or float64")
+        return torch.cat([a.reshape(-1) for a in leaves])
+
+    def unpack_tangent(self, packed: torch.Tensor) -> TangentVector:
+        """The :class:`~tuckerman.TangentVector` ``(Ċ, U̇_k)`` of a packed vector; views.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> v = M.unpack_tangent(torch.zeros(M.packed_size))
+        >>> tuple(v.dcore.shape), [tuple(u.shape) for u in v.dfactors]
+        ((2, 2, 2), [(4, 2), (5, 2), (6, 2)])
+        """
+        dcore, dfactors = self._split(packed, "the packed vector")
+        return TangentVector(dcore, dfactors)
+
+    def pack_tangent(self, v: TangentVector) -> torch.Tensor:
+        """The packed 1-D tensor ``[vec(Ċ), vec(U̇_1), ...]`` of a tangent vector.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.unpack(M.random(key=0))
+        >>> M.pack_tangent(M.fixed_rank.random_tangent(x, key=1)).shape
+        torch.Size([38])
+        """
+        if not isinstance(v, TangentVector):
+            raise TypeError(f"v must be a TangentVector, got {type(v).__name__}")
+        shapes = [tuple(u.shape) for u in v.dfactors]
+        expected = [(n, r) for n, r in zip(self.shape, self.ranks)]
+        if tuple(v.dcore.shape) != self.ranks or shapes != expected:
+            raise ValueError(
+                f"v has dcore shape {tuple(v.dcore.shape)} and dfactor shapes {shapes}, but "
+                f"tangent vectors of {self} have {self.ranks} and {expected}"
+            )
+        return self._pack_tangent(v)
+
+    def tangent_to_dense(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The tangent tensor ``Dφ_x(u)`` as a dense array of :attr:`shape` (references and
+        small cases only).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> bool(torch.allclose(M.tangent_to_dense(x, x), 4 * M.unpack(x).to_dense()))
+        True
+        """
+        point, v = self._pair(x, u, "u")
+        return self._fixed_rank.tangent_to_dense(point, v)
+
+    def _pack_tangent(self, v: TangentVector) -> torch.Tensor:
+        return torch.cat([v.dcore.reshape(-1), *(u.reshape(-1) for u in v.dfactors)])
+
+    # ----------------------------------------------------------------- points
+    def random(
+        self,
+        *size: Any,
+        key: Any = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+    ) -> geoopt.ManifoldTensor:
+        """A random point (:meth:`tuckerman.FixedRankTucker.random_point`), packed.
+
+        Gaussian core brought to all-orthogonal (HOSVD) form, orthonormal factors.
+
+        Parameters
+        ----------
+        *size : int, optional
+            geoopt's size argument; if given it must be ``(packed_size,)``.
+        key : int or torch.Generator, optional
+            Seed or generator. None draws a seed from torch's global generator, so
+            ``torch.manual_seed`` (and geoopt's ``origin``) make it reproducible.
+        dtype : torch.dtype, optional
+            float32 or float64 (default: torch's default dtype).
+        device : optional
+
+        Returns
+        -------
+        geoopt.ManifoldTensor
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> x.shape, x.dtype, M.check_point_on_manifold(x)
+        (torch.Size([38]), torch.float64, True)
+        """
+        if size:
+            shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], Sequence) else size
+            if tuple(int(s) for s in shape) != (self.packed_size,):
+                raise ValueError(
+                    f"size {tuple(shape)} requested, but points of {self} have shape "
+                    f"({self.packed_size},)"
+                )
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+        if key is None:
+            key = int(torch.randint(0, 2**62, (1,)))
+        x = self._fixed_rank.random_point(key=key, xp=torch, dtype=dtype, device=device)
+        return geoopt.ManifoldTensor(self.pack(x), manifold=self)
+
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
+        """Bring a packed tensor back onto the manifold, keeping its tensor and, when it is
+        already a point, its coordinates.
+
+        Each factor is replaced by the ``Q`` of its QR decomposition with ``diag(R) >= 0``
+        and ``R`` is folded into the core (``C ← C ×_k R_k``): the represented tensor
+        ``C ×_k U_k`` is unchanged, and a factor that is already orthonormal stays as it is
+        (``R = I``). geoopt's ``stabilize`` option relies on that: it re-reads the optimizer's
+        buffers, stored in the point's coordinates, at the projected point. The core is not
+        re-balanced (that would change the gauge). A tensor of lower multilinear rank than
+        ``ranks`` has no nearest point on the (not closed) manifold; the result is then off the
+        manifold and :meth:`check_point_on_manifold` says why.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(M.packed_size, generator=g, dtype=torch.float64)
+        >>> y = M.projx(x)
+        >>> M.check_point_on_manifold(y)
+        True
+        >>> bool(torch.allclose(M.unpack(y).to_dense(), M.unpack(x).to_dense()))
+        True
+        >>> bool(torch.allclose(M.projx(y), y))
+        True
+        """
+        point = self.unpack(x)
+        core, factors = point.core, []
+        for k, u in enumerate(point.factors):
+            q, r = torch.linalg.qr(u)
+            signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(dtype=r.dtype)
+            factors.append(q * signs)
+            core = mode_product(core, signs[:, None] * r, k)
+        return self.pack(TuckerTensor(core, factors))
+
+    # ----------------------------------------------------------------- tangent vectors
+    def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The gauge representative of the packed vector ``u``: same tangent tensor
+        ``Dφ_x(u)``, with ``U_kᵀ U̇_k = 0``.
+
+        ``U̇_k ← U̇_k − U_k A_k``, ``Ċ ← Ċ + Σ_k C ×_k A_k`` with ``A_k = U_kᵀ U̇_k``. Idempotent;
+        ``u − proju(x, u)`` spans the zero tensor, so it has norm 0 in :meth:`inner` (the
+        projection is orthogonal for that metric).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> u = torch.randn(M.packed_size, dtype=torch.float64)
+        >>> v = M.proju(x, u)
+        >>> M.check_vector_on_tangent(x, v), bool(torch.allclose(M.proju(x, v), v))
+        (True, True)
+        """
+        point, v = self._pair(x, u, "u")
+        return self._pack_tangent(self._fixed_rank.project(point, v))
+
+    def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Riemannian gradient from autograd's gradient of the packed parameter.
+
+        ``u = [vec(∂f/∂C), vec(∂f/∂U_1), ...]``; returns ``Ċ = ∂f/∂C``,
+        ``U̇_k = (I − U_kU_kᵀ)(∂f/∂U_k)(C_(k)C_(k)ᵀ)⁻¹`` (:func:`tuckerman.rgrad_from_factor_grads`):
+        the projection of the dense gradient onto the tangent space, without forming it.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64).requires_grad_()
+        >>> (0.5 * (M.unpack(x).to_dense() ** 2).sum()).backward()   # f = ||X||^2/2: grad X
+        >>> g = M.unpack_tangent(M.egrad2rgrad(x.detach(), x.grad))
+        >>> bool(torch.allclose(g.dcore, M.unpack(x).core))      # X itself: dcore = C, dU_k = 0
+        True
+        >>> [float(abs(u).max()) < 1e-12 for u in g.dfactors]
+        [True, True, True]
+        """
+        point, g = self._pair(x, u, "the gradient")
+        return self._pack_tangent(
+            rgrad_from_factor_grads(self._fixed_rank, point, g.dcore, g.dfactors)
+        )
+
+    def inner(
+        self,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor | None = None,
+        *,
+        keepdim: bool = False,
+    ) -> torch.Tensor:
+        """Embedded (Frobenius) inner product ``⟨Dφ_x(u), Dφ_x(v)⟩`` of packed vectors.
+
+        Not the Euclidean inner product of the packed vectors: in the gauge it is
+        ``⟨Ċ_u, Ċ_v⟩ + Σ_k tr(U̇_kᵀ(u) U̇_k(v) C_(k)C_(k)ᵀ)`` (:meth:`FixedRankTucker.inner`);
+        ``u`` and ``v`` are brought to the gauge first. ``v=None`` means ``v = u``. Shape
+        ``()``, or ``(1,)`` with ``keepdim=True``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> u = M.proju(x, torch.randn(M.packed_size, dtype=torch.float64))
+        >>> dense = M.tangent_to_dense(x, u)
+        >>> bool(torch.isclose(M.inner(x, u), (dense**2).sum()))
+        True
+        """
+        point, tu = self._pair(x, u, "u")
+        fr = self._fixed_rank
+        tu = fr.project(point, tu)
+        if v is None:
+            tv = tu
+        else:
+            tv = fr.project(point, self._pair(x, v, "v")[1])
+        out = fr.inner(point, tu, tv)
+        return out.reshape(1) if keepdim else out
+
+    def component_inner(
+        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``inner(x, u, v, keepdim=True)`` (shape ``(1,)``): one second-moment scalar per
+        parameter in :class:`geoopt.optim.RiemannianAdam`, which keeps its update tangent and
+        independent of the parametrization.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> M.component_inner(x, M.proju(x, torch.ones(M.packed_size, dtype=torch.float64))).shape
+        torch.Size([1])
+        """
+        return self.inner(x, u, v, keepdim=True)
+
+    def norm(self, x: torch.Tensor, u: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
+        """Norm of ``Dφ_x(u)`` in the embedded metric.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> float(M.norm(x, torch.zeros(M.packed_size, dtype=torch.float64)))
+        0.0
+        """
+        return torch.sqrt(torch.clamp(self.inner(x, u, keepdim=keepdim), min=0.0))
+
+    # ----------------------------------------------------------------- moving
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Retraction: truncated HOSVD of ``X + Dφ_x(u)`` back to ``ranks``, never dense
+        (:meth:`FixedRankTucker.retract`). Any packed ``u`` is accepted.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> u = M.proju(x, torch.randn(M.packed_size, dtype=torch.float64))
+        >>> M.check_point_on_manifold(M.retr(x, 0.1 * u))
+        True
+        """
+        point, v = self._pair(x, u, "u")
+        return self.pack(self._fixed_rank.retract(point, v))
+
+    def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The retraction :meth:`retr` (the exponential map has no closed form here).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> u = M.proju(x, torch.randn(M.packed_size, dtype=torch.float64))
+        >>> bool(torch.equal(M.expmap(x, u), M.retr(x, u)))
+        True
+        """
+        return self.retr(x, u)
+
+    def transp(self, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Vector transport from ``x`` to ``y``: projection of ``Dφ_x(v)`` onto the tangent
+        space at ``y`` (:meth:`FixedRankTucker.transport`), in the gauge of ``y``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> v = M.proju(x, torch.randn(M.packed_size, dtype=torch.float64))
+        >>> y = M.retr(x, 0.1 * v)
+        >>> M.check_vector_on_tangent(y, M.transp(x, y, v))
+        True
+        """
+        point, tv = self._pair(x, v, "v")
+        target = self.unpack(y)
+        return self._pack_tangent(self._fixed_rank.transport(point, target, tv))
+
+    def retr_transp(
+        self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y = retr(x, u)`` and ``transp(x, y, v)`` at once (what geoopt's optimizers call).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> x = M.random(key=0, dtype=torch.float64)
+        >>> u = M.proju(x, torch.randn(M.packed_size, dtype=torch.float64))
+        >>> y, w = M.retr_transp(x, 0.1 * u, u)
+        >>> M.check_vector_on_tangent(y, w)
+        True
+        """
+        y = self.retr(x, u)
+        return y, self.transp(x, y, v)
+
+    def logmap(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Not available: the fixed-rank Tucker manifold has no closed-form logarithm."""
+        raise NotImplementedError(f"{self} has no closed-form logarithmic map")
+
+    def dist(self, x: torch.Tensor, y: torch.Tensor, *, keepdim: bool = False) -> torch.Tensor:
+        """Not available: no closed-form geodesic distance (compare dense tensors instead)."""
+        raise NotImplementedError(f"{self} has no closed-form geodesic distance")
+
+    # ----------------------------------------------------------------- checks
+    def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
+        shape = tuple(shape)
+        if shape != (self.packed_size,):
+            return False, (
+                f"'{name}' has shape {shape}, but packed tensors of {self} have shape "
+                f"({self.packed_size},)"
+            )
+        return True, None
+
+    def _check_dtype(self, t: torch.Tensor, name: str) -> tuple[bool, str | None]:
+        if t.dtype not in _DTYPES:
+            return False, f"'{name}' has dtype {t.dtype}; {self} needs float32 or float64"
+        return True, None
+
+    def _check_packed(self, t: torch.Tensor, name: str) -> tuple[bool, str | None, type]:
+        ok, reason = self._check_shape(t.shape, name)
+        if not ok:
+            return ok, reason, ValueError
+        ok, reason = self._check_dtype(t, name)
+        return ok, reason, TypeError
+
+    def check_point(self, x: torch.Tensor, *, explain: bool = False) -> Any:
+        """Whether ``x`` has the packed layout (shape ``(packed_size,)``, float32/float64).
+
+        :meth:`check_point_on_manifold` also checks orthonormal factors and a full-rank core.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from tuckerman.integrations.geoopt import TuckerManifold
+        >>> M = TuckerManifold((4, 5, 6), 2)
+        >>> M.check_point(torch.zeros(38)), M.check_point(torch.zeros(5))
+        (True, False)
+        """
+        ok, reason, _ = self._check_packed(x, "x")
+        return (ok, reason) if explain else ok
+
+    def assert_check_point(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` (wrong shape) or ``TypeError`` (wrong dtype) unless ``x`` has
+        the packed layout; geoopt calls it when a ``ManifoldTensor`` is created."""
+        ok, reason, error = self._check_packed(x, "x")
+        if not ok:
+            raise error(f"not a packed point of {self}: {reason}")
+
+    def check_vector(self, u: torch.Tensor, *, explain: bool = False) -> Any:
+        """Whether ``u`` has the packed layout (see :meth:`check_point`)."""
+        ok, reason, _ = self._check_packed(u, "u")
+        return (ok, reason) if explain else ok
+
+    def assert_check_vector(self, u: torch.Tensor) -> None:
+        """Raise ``ValueError`` / ``TypeError`` unless ``u`` has the packed layout."""
+        ok, reason, error = self._check_packed(u, "u")
+        if not ok:
+            raise error(f"not a packed vector of {self}: {reason}")
+
+    def _check_point_on_manifold(
+        self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> tuple[bool, str | None]:
+        ok, reason = self._check_dtype(x, "x")
+        if not ok:
+            return ok, reason
+        # |U_kᵀU_k - I| <= atol + rtol |I| entrywise, as numpy.allclose would have it
+        return self._fixed_rank.check_point(self.unpack(x), explain=True, atol=atol + rtol)
+
+    def _check_vector_on_tangent(
+        self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
+    ) -> tuple[bool, str | None]:
+        for t, name in ((x, "x"), (u, "u")):
+            ok, reason = self._check_dtype(t, name)
+            if not ok:
+                return ok, reason
+        point, v = self._pair(x, u, "u")
+        # the off-gauge part relative to ||u||; factor-form rounding grows like eps cond(C)
+        eps = torch.finfo(point.core.dtype).eps
+        tol = max(atol + rtol, 100 * eps * core_condition(point))
+        return self._fixed_rank.check_tangent(point, v, explain=True, atol=tol)
