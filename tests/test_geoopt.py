@@ -306,7 +306,7 @@ def test_optimizers_reach_the_rank_r_target(name, factory, steps, gamma, dt):
     have length about lr (one second-moment scalar), so it needs a decaying learning rate."""
     M = TuckerManifold(SHAPE, RANKS)
     x, target, losses = _approximation_run(M, factory, dt, steps, gamma)
-    final = float(torch.linalg.vector_norm(M.unpack(x).to_dense() - target))
+    final = torch.linalg.vector_norm(M.unpack(x).to_dense() - target).item()
     start = (2 * losses[0]) ** 0.5
     if name == "adam":
         assert final < 1e-3 * start
@@ -337,7 +337,7 @@ def test_sgd_matches_the_core_rgd_optimum(dt):
         loss.backward()
         opt.step()
     ref_dense = ref.point.to_dense()
-    assert abs(float(loss) - ref.cost) < 1e2 * torch.finfo(dt).eps ** 0.5 * ref.cost
+    assert abs(loss.item() - ref.cost) < 1e2 * torch.finfo(dt).eps ** 0.5 * ref.cost
     assert torch.allclose(
         M.unpack(p).to_dense().double(), ref_dense, atol=10 * torch.finfo(dt).eps ** 0.5
     )
