@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tuckerman.integrations.torch._distributed import resolve_model
 from tuckerman.integrations.torch._layers import AbstractTuckerLayer
 
 import tuckerman as tm
@@ -48,7 +49,11 @@ class TDLRT(torch.optim.Optimizer):
     ----------
     model : nn.Module
         The model; its :class:`~tuckerman.integrations.torch.AbstractTuckerLayer` modules are
-        trained by TDLRT, all other parameters by the inner optimizer.
+        trained by TDLRT, all other parameters by the inner optimizer. For data-parallel
+        training pass the :class:`~tuckerman.integrations.torch.TuckerDDP` wrapper: the
+        truncated ranks are then decided on rank 0 and broadcast, and a non-finite loss or
+        gradient on any replica refuses the step on all (see ``docs/distributed.md``). A plain
+        ``DistributedDataParallel`` or an FSDP model is refused with a ``TypeError``.
     lr : float
     tau : float
         Truncation tolerance, relative to ``||core||`` (``absolute=True``: absolute).
@@ -121,6 +126,7 @@ class TDLRT(torch.optim.Optimizer):
                 "TDLRT needs the model (an nn.Module) to find its Tucker layers and replace their "
                 f"parameters when ranks change; got {type(model).__name__}"
             )
+        model, self._replicas = resolve_model(model)
         _positive(lr, "lr")
         _positive(tau, "tau", allow_zero=True)
         _positive(momentum, "momentum", allow_zero=True)
@@ -201,6 +207,13 @@ class TDLRT(torch.optim.Optimizer):
                 if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                     return False
         return True
+
+    def _all_finite(self, loss: Any) -> bool:
+        """Whether the loss and gradients are finite, on every replica when distributed."""
+        finite = self._grads_finite(loss)
+        if self._replicas is None:
+            return finite
+        return not self._replicas.any_rank(not finite)
 
     def _nonfinite(self, snap: dict | None, when: str) -> None:
         if snap is not None:
@@ -284,7 +297,7 @@ class TDLRT(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite(loss):
+        if not self._all_finite(loss):
             self._nonfinite(None, "at the current point")
             return loss
         group = self.param_groups[0]
@@ -308,18 +321,20 @@ class TDLRT(torch.optim.Optimizer):
         else:
             with torch.enable_grad():
                 closure()  # type: ignore[misc]
-            if not self._grads_finite(None):
+            if not self._all_finite(None):
                 self._nonfinite(snap, "in the augmented bases")
                 return loss
             core_grads = {
                 name: m.core.grad if m.core.grad is not None else torch.zeros_like(m.core)
                 for name, m in self._layers.items()
             }
+        galerkin, truncated = {}, {}
         for name, m in self._layers.items():  # Galerkin step, then truncation
             state = self.state.setdefault(m.core, {})
             direction = self._update(m.core.detach(), core_grads[name], state, group)
             x_gal = tm.TuckerTensor(m.core.detach() - group["lr"] * direction, m.tucker().factors)
-            x_new, maps = tm.truncate_core(
+            galerkin[name] = x_gal
+            truncated[name] = tm.truncate_core(
                 x_gal,
                 tau=None if self.fixed_rank else group["tau"],
                 ranks=old_ranks[name],
@@ -328,7 +343,14 @@ class TDLRT(torch.optim.Optimizer):
                 absolute=self.absolute,
                 adaptive_modes=m.adaptive_modes,
             )
-            self._move_state(m, x_new, maps)
+        if self._replicas is not None and not self.fixed_rank and self._layers:
+            # replicas take rank 0's decisions: the shapes agree by construction
+            agreed = self._replicas.agree_ranks({n: t[0].ranks for n, t in truncated.items()})
+            for name, ranks in agreed.items():
+                if ranks != truncated[name][0].ranks:
+                    truncated[name] = tm.truncate_core(galerkin[name], ranks=ranks)
+        for name, m in self._layers.items():
+            self._move_state(m, *truncated[name])
         self._refresh_group()
         for group_dense in self.param_groups[1:]:
             for p in group_dense["params"]:
