@@ -4,6 +4,7 @@ gradient evaluations, structured gradients, state transport, jit and bad input."
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -371,3 +372,60 @@ def test_non_finite_or_misshapen_gradients():
         tm.SparseTensor(np.array([[0, 0, 8]]), np.ones(1), shape)
     with pytest.raises(ValueError, match=r"maps\[0\] has shape \(4, 2\) but the state has size 3"):
         tm.transport_core_state(np.ones((3, 2, 2)), (np.ones((4, 2)),) * 3)
+
+
+# --------------------------------------------------------------------------- LAPACK failures
+
+
+def test_svd_retries_in_float64_when_lapack_fails():
+    """A float32 SVD that raises is recomputed in float64 and returned in float32; a float64
+    failure propagates."""
+    import array_api_compat.numpy as anp
+
+    from tuckerman._tucker import _svd
+
+    calls = []
+
+    class _Linalg:
+        @staticmethod
+        def svd(a, full_matrices):
+            calls.append(str(a.dtype))
+            if a.dtype == np.float32 or calls.count("float64") > 1:
+                raise np.linalg.LinAlgError("SVD did not converge")
+            return anp.linalg.svd(a, full_matrices=full_matrices)
+
+    class _Failing:
+        linalg = _Linalg
+
+        def __getattr__(self, name):
+            return getattr(anp, name)
+
+    a = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    u, s, vh = _svd(_Failing(), a)
+    assert calls == ["float32", "float64"]
+    assert u.dtype == s.dtype == vh.dtype == np.float32
+    assert np.allclose((u * s) @ vh, a, atol=1e-5)
+    with pytest.raises(np.linalg.LinAlgError):
+        _svd(_Failing(), a.astype(np.float64))
+
+
+def test_truncate_core_survives_a_float32_matrix_mkl_cannot_decompose():
+    """A rank-deficient 270×270 float32 core, saved from a TDLRT run (batch smaller than the
+    augmented rank), on which MKL's single-threaded float32 SVD fails to converge."""
+    torch = pytest.importorskip("torch")
+    core = torch.from_numpy(
+        np.load(Path(__file__).parent / "data" / "mkl_svd_failure_270x270_float32.npy")
+    )
+    x = tm.TuckerTensor(core, [torch.eye(270), torch.eye(270)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        y, maps = tm.truncate_core(x, tau=0.1)
+    finally:
+        torch.set_num_threads(threads)
+    assert y.core.dtype == torch.float32 and bool(torch.isfinite(y.core).all())
+    for u in y.factors:
+        assert torch.allclose(u.mT @ u, torch.eye(u.shape[1]), atol=1e-5)
+    dense = y.to_dense()
+    err = float(torch.linalg.matrix_norm(dense - core) / torch.linalg.matrix_norm(core))
+    assert err <= 0.1 * (1 + 1e-4)

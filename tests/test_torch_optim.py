@@ -189,6 +189,47 @@ def test_non_finite_steps_change_nothing(where):
         assert torch.equal(a.detach(), b)
 
 
+@pytest.mark.parametrize("failure", ["closure", "truncation"])
+def test_an_exception_inside_the_step_changes_nothing(failure, monkeypatch):
+    """An error in the second evaluation or in the truncation (e.g. LAPACK) is re-raised with the
+    parameters (same objects, same values) and the optimizer state as before the step."""
+    model = _cnn()
+    x, y = _data()
+    opt = TDLRT(model, lr=0.05, tau=0.2, momentum=0.9)
+    for _ in range(2):
+        opt.step(_closure(opt, model, x, y))
+    params = [p.detach().clone() for p in model.parameters()]
+    objects = [id(p) for p in model.parameters()]
+    ranks = [m.ranks for m in model if hasattr(m, "ranks")]
+    state = _state_values(opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if failure == "closure" and len(calls) == 2:
+            raise RuntimeError("out of memory in the augmented bases")
+        return _closure(opt, model, x, y)()
+
+    if failure == "truncation":
+        import tuckerman.integrations.torch._optim as optim_module
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("linalg.svd: the algorithm failed to converge")
+
+        monkeypatch.setattr(optim_module.tm, "truncate_core", broken)
+    with pytest.raises(RuntimeError):
+        opt.step(closure)
+    assert [id(p) for p in model.parameters()] == objects
+    assert [m.ranks for m in model if hasattr(m, "ranks")] == ranks
+    for a, b in zip(model.parameters(), params):
+        assert torch.equal(a.detach(), b)
+    after = _state_values(opt)
+    assert after.keys() == state.keys()
+    for k in state:
+        for n, v in state[k].items():
+            assert torch.equal(after[k][n], v) if torch.is_tensor(v) else after[k][n] == v
+
+
 def test_checkpoint_after_rank_changes_continues_identically():
     x, y = _data()
 

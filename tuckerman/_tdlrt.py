@@ -25,7 +25,7 @@ import tuckerman.backends as backends
 from tuckerman._compat import is_array, namespace_of
 from tuckerman._manifold import FixedRankTucker, _contract_q, _core_qr
 from tuckerman._sparse import SparseTensor, sparse_all_but_one
-from tuckerman._tucker import TuckerTensor, _as_tucker, _mp, _rank_from_tol, _unfold
+from tuckerman._tucker import TuckerTensor, _as_tucker, _mp, _rank_from_tol, _svd, _unfold
 from tuckerman._validate import check_tol, feasible_ranks
 
 __all__ = [
@@ -334,7 +334,7 @@ def truncate_core(
         threshold = tau if absolute else tau * nrm
     svds, chosen = [], []
     for k in range(d):
-        p, s, _ = xp.linalg.svd(_unfold(xp, x.core, k), full_matrices=False)
+        p, s, _ = _svd(xp, _unfold(xp, x.core, k))
         svds.append(p)
         available = int(s.shape[0])
         if k in adaptive:

@@ -460,6 +460,25 @@ def _rank_from_tol(xp: Any, s: Any, threshold: float) -> int:
     return int(np.argmax(tail <= threshold))
 
 
+def _svd(xp: Any, a: Any) -> tuple[Any, Any, Any]:
+    """``xp.linalg.svd(a, full_matrices=False)``, retried in float64 when LAPACK fails.
+
+    MKL's divide-and-conquer SVD (behind torch on CPU) fails to converge on some rank-deficient
+    float32 matrices, e.g. augmented TDLRT cores when the batch is smaller than the ranks; the
+    float64 computation of the same matrix succeeds. The result has ``a``'s dtype.
+    """
+    try:
+        return xp.linalg.svd(a, full_matrices=False)
+    except Exception as err:  # each library raises its own LinAlgError
+        if a.dtype == xp.float64:
+            raise
+        try:
+            u, s, vh = xp.linalg.svd(xp.astype(a, xp.float64), full_matrices=False)
+        except Exception:
+            raise err from None
+        return xp.astype(u, a.dtype), xp.astype(s, a.dtype), xp.astype(vh, a.dtype)
+
+
 def _st_hosvd(xp: Any, t: Any, ranks: tuple | None, tol: float | None, tnorm: Any = None):
     """Sequentially truncated HOSVD of a dense tensor: (core, factors).
 
@@ -475,10 +494,10 @@ def _st_hosvd(xp: Any, t: Any, ranks: tuple | None, tol: float | None, tnorm: An
     for k in range(d):
         unfolded = _unfold(xp, t, k)
         if unfolded.shape[0] < unfolded.shape[1]:  # wide: LAPACK is faster on the tall transpose
-            v, s, uh = xp.linalg.svd(unfolded.mT, full_matrices=False)
+            v, s, uh = _svd(xp, unfolded.mT)
             u, vh = uh.mT, v.mT
         else:
-            u, s, vh = xp.linalg.svd(unfolded, full_matrices=False)
+            u, s, vh = _svd(xp, unfolded)
         r = s.shape[0]
         if ranks is not None:
             r = min(r, ranks[k])

@@ -302,6 +302,25 @@ class TDLRT(torch.optim.Optimizer):
             return loss
         group = self.param_groups[0]
         snap = self._snapshot()
+        try:
+            done = self._tucker_step(closure, group, snap)
+        except BaseException:  # a failed step leaves parameters and state as they were
+            self._restore(snap)
+            raise
+        if not done:
+            return loss
+        for group_dense in self.param_groups[1:]:
+            for p in group_dense["params"]:
+                if p.grad is None:
+                    continue
+                direction = self._update(p, p.grad, self.state.setdefault(p, {}), group_dense)
+                p.add_(direction, alpha=-group_dense["lr"])
+        self.rank_history.append({name: m.ranks for name, m in self._layers.items()})
+        return loss
+
+    def _tucker_step(self, closure: Callable[[], Any] | None, group: dict, snap: dict) -> bool:
+        """Augment, re-evaluate (or use the one-pass gradient), Galerkin step and truncation of
+        every Tucker layer; False when the step was refused for non-finite values."""
         old_ranks = {name: m.ranks for name, m in self._layers.items()}
         tangent = {}
         for name, m in self._layers.items():  # augment: same weight, larger bases
@@ -323,7 +342,7 @@ class TDLRT(torch.optim.Optimizer):
                 closure()  # type: ignore[misc]
             if not self._all_finite(None):
                 self._nonfinite(snap, "in the augmented bases")
-                return loss
+                return False
             core_grads = {
                 name: m.core.grad if m.core.grad is not None else torch.zeros_like(m.core)
                 for name, m in self._layers.items()
@@ -352,14 +371,7 @@ class TDLRT(torch.optim.Optimizer):
         for name, m in self._layers.items():
             self._move_state(m, *truncated[name])
         self._refresh_group()
-        for group_dense in self.param_groups[1:]:
-            for p in group_dense["params"]:
-                if p.grad is None:
-                    continue
-                direction = self._update(p, p.grad, self.state.setdefault(p, {}), group_dense)
-                p.add_(direction, alpha=-group_dense["lr"])
-        self.rank_history.append({name: m.ranks for name, m in self._layers.items()})
-        return loss
+        return True
 
 
 def _tangent_tucker(x: tm.TuckerTensor, core_grad: Any, factor_grads: list) -> tm.TuckerTensor:
