@@ -1,0 +1,347 @@
+"""``tuckerman train``: the reference models, the training library and the console command.
+
+Smoke runs use ``--subset`` / ``--max-steps``; the report is checked against the saved model
+(ranks and parameter counts recomputed from its state dict, accuracy re-evaluated), the plots
+are read back as PNGs, bad options must exit with status 2 naming the value. The main job
+(defaults, two epochs) is the one slow test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+from torch import nn  # noqa: E402
+from tuckerman.integrations.torch import (  # noqa: E402
+    AbstractTuckerLayer,
+    TrainConfig,
+    build_model,
+    compression_report,
+    lenet5,
+    train,
+)
+from tuckerman.integrations.torch._cli import main  # noqa: E402
+from tuckerman.integrations.torch._train import (  # noqa: E402
+    ConfigError,
+    evaluate,
+    load_data,
+    make_model,
+)
+
+torch.set_num_threads(1)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIMING_KEYS = {"time_s"}
+
+
+def _run(tmp_path, *args: str, name: str = "run") -> dict:
+    out = tmp_path / name
+    status = main(["train", "--no-progress", "--out", str(out), *args])
+    assert status == 0
+    with open(out / "report.json") as f:
+        return json.load(f)
+
+
+def _without_times(value):
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+@pytest.fixture
+def rgb_npz(tmp_path):
+    """60 random 32×32 RGB images (uint8, channels last) with labels 0..3."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "rgb.npz"
+    np.savez(
+        path,
+        images=rng.integers(0, 256, size=(60, 32, 32, 3), dtype=np.uint8),
+        labels=rng.integers(0, 4, size=60),
+    )
+    return path
+
+
+# --------------------------------------------------------------------------- models
+@pytest.mark.parametrize("name", ["lenet5", "vgg-small", "resnet18"])
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+def test_models_map_images_to_logits(name, channels, size):
+    torch.manual_seed(0)
+    model = build_model(name, channels, 7, size)
+    assert model(torch.randn(2, channels, size, size)).shape == (2, 7)
+
+
+def test_lenet5_is_the_papers_lenet5():
+    layers = [m for m in lenet5().modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    shapes = [tuple(m.weight.shape) for m in layers]
+    assert shapes == [(20, 1, 5, 5), (50, 20, 5, 5), (500, 800), (10, 500)]
+
+
+def test_resnet18_has_the_cifar_resnet18_size():
+    # 11,173,962 parameters for CIFAR-10 (3 channels, 10 classes), as in the usual CIFAR code
+    n = sum(p.numel() for p in build_model("resnet18", 3, 10, 32).parameters())
+    assert n == 11_173_962
+
+
+def test_build_model_rejects_unknown_names_and_sizes():
+    with pytest.raises(ValueError, match="'vgg16'.*lenet5"):
+        build_model("vgg16")
+    with pytest.raises(ValueError, match="image_size must be at least 16, got 8"):
+        build_model("lenet5", 1, 10, 8)
+    with pytest.raises(ValueError, match="in_channels must be an integer >= 1, got 0"):
+        build_model("vgg-small", 0)
+
+
+# --------------------------------------------------------------------------- smoke runs
+def _check_report(report: dict, out) -> None:
+    """The report agrees with the saved model, recomputed independently."""
+    config = TrainConfig(**report["config"])
+    data = load_data(config)
+    model = make_model(config, data, torch.device("cpu"))
+    model.load_state_dict(torch.load(out / "model.pt"))
+    tucker = {n: m for n, m in model.named_modules() if isinstance(m, AbstractTuckerLayer)}
+    assert report["ranks"] == {n: list(m.core.shape) for n, m in tucker.items()}
+    params = dense = 0
+    for m in tucker.values():
+        bias = m.bias.numel() if m.bias is not None else 0
+        params += m.core.numel() + sum(u.numel() for u in m.factors) + bias
+        dense += math.prod(m.weight_shape) + bias
+    expected_cr = 1 - params / dense if tucker else 0.0
+    assert report["compression_rate"] == pytest.approx(expected_cr, abs=1e-12)
+    assert report["compression"] == compression_report(model)
+    test_loss, test_acc = evaluate(model, data.x_test, data.y_test, torch.device("cpu"))
+    assert report["test_accuracy"] == pytest.approx(test_acc, abs=1e-12)
+    assert report["test_loss"] == pytest.approx(test_loss, rel=1e-5)
+    last = report["history"][-1]
+    assert last["test_accuracy"] == report["test_accuracy"]
+    assert last["ranks"] == report["ranks"]
+    assert last["compression_rate"] == report["compression_rate"]
+    for png in report["plots"]:
+        data_bytes = (out / png).read_bytes()
+        assert data_bytes.startswith(PNG_SIGNATURE)
+        import matplotlib.image
+
+        image = matplotlib.image.imread(out / png)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100
+
+
+@pytest.mark.parametrize("method", ["tdlrt", "tucker-fixed", "dense"])
+def test_cli_smoke_run_per_method(tmp_path, method):
+    args = ["--method", method, "--subset", "200", "--epochs", "2", "--batch-size", "50"]
+    args += ["--ranks", "12" if method == "tucker-fixed" else "0.1"]
+    before = torch.get_num_threads()
+    report = _run(tmp_path, *args, "--threads", "2" if method == "dense" else "1")
+    assert report["threads"] == (2 if method == "dense" else 1)
+    assert torch.get_num_threads() == before  # restored after the run
+    for key in ("test_accuracy", "compression_rate", "ranks", "history", "config", "versions"):
+        assert key in report
+    assert report["seed"] == 0 and report["config"]["method"] == method
+    assert report["versions"]["torch"] == torch.__version__
+    assert len(report["history"]) == 2 and report["steps"] == 8
+    for entry in report["history"]:
+        for key in ("train_loss", "test_accuracy", "compression_rate", "ranks", "time_s"):
+            assert key in entry
+    assert report["data"]["train_size"] == 200 and report["data"]["test_size"] == 200
+    _check_report(report, tmp_path / "run")
+    if method == "dense":
+        assert report["ranks"] == {} and report["compression_rate"] == 0.0
+        assert report["plots"] == ["accuracy.png"]
+        return
+    assert set(report["ranks"]) == {"features.3", "classifier.1"}  # first conv, last fc dense
+    assert report["plots"] == ["accuracy.png", "ranks.png"]
+    assert len(report["rank_history"]) == report["steps"]
+    if method == "tucker-fixed":
+        assert report["ranks"] == {"features.3": [12, 12, 5, 5], "classifier.1": [12, 12]}
+        assert all(h == report["ranks"] for h in report["rank_history"])
+    else:  # TDLRT's ranks move from the initial ones (a tenth of full rank: 5x2, 50x50)
+        assert report["ranks"] != {"features.3": [5, 2, 5, 5], "classifier.1": [50, 50]}
+        assert 0 < report["compression_rate"] < 1
+
+
+@pytest.mark.parametrize("model", ["vgg-small", "resnet18"])
+def test_cli_smoke_run_rgb_models(tmp_path, rgb_npz, model):
+    report = _run(
+        tmp_path,
+        *("--model", model, "--data", str(rgb_npz), "--max-steps", "2", "--batch-size", "8"),
+        *("--ranks", "8"),
+    )
+    assert report["data"]["image_shape"] == [3, 32, 32]
+    assert report["data"]["train_size"] == 48 and report["data"]["test_size"] == 12
+    assert report["data"]["num_classes"] == 4
+    assert report["steps"] == 2 and len(report["history"]) == 1
+    assert len(report["ranks"]) > 3
+    _check_report(report, tmp_path / "run")
+
+
+def test_one_pass_and_adam_run(tmp_path):
+    report = _run(
+        tmp_path,
+        *("--subset", "100", "--max-steps", "3", "--one-pass", "--inner", "adam", "--ranks", "16"),
+        *("--threads", "auto"),
+    )
+    assert report["config"]["one_pass"] and report["config"]["inner"] == "adam"
+    assert report["config"]["threads"] is None and report["threads"] == torch.get_num_threads()
+    _check_report(report, tmp_path / "run")
+
+
+def test_same_seed_same_report_other_seed_other_report(tmp_path):
+    args = ("--subset", "160", "--epochs", "2", "--batch-size", "40", "--ranks", "16")
+    a = _run(tmp_path, *args, name="a")
+    b = _run(tmp_path, *args, name="b")
+    c = _run(tmp_path, *args, "--seed", "1", name="c")
+    a, b, c = (_without_times(r) for r in (a, b, c))
+    a["config"].pop("out"), b["config"].pop("out"), c["config"].pop("out")
+    assert a == b
+    assert a["history"] != c["history"]
+
+
+def test_history_lengths_follow_epochs_and_max_steps(tmp_path):
+    report = train(
+        TrainConfig(
+            subset=64, epochs=3, batch_size=32, ranks=8, progress=False, out=str(tmp_path / "a")
+        )
+    )
+    assert [h["epoch"] for h in report["history"]] == [1, 2, 3]
+    assert [h["steps"] for h in report["history"]] == [2, 4, 6]
+    report = train(
+        TrainConfig(
+            subset=64,
+            epochs=3,
+            batch_size=32,
+            max_steps=3,
+            ranks=8,
+            progress=False,
+            out=str(tmp_path),
+        )
+    )
+    assert [h["steps"] for h in report["history"]] == [2, 3]
+
+
+# --------------------------------------------------------------------------- data
+def test_bundled_data_is_standardized_with_training_statistics():
+    data = load_data(TrainConfig())
+    assert data.x_train.shape == (8000, 1, 28, 28) and data.x_test.shape == (2000, 1, 28, 28)
+    assert abs(float(data.x_train.mean())) < 1e-4
+    assert float(data.x_train.std()) == pytest.approx(1.0, abs=1e-3)
+    assert data.num_classes == 10
+
+
+@pytest.mark.parametrize("layout", ["nhw", "nhwc", "nchw"])
+def test_npz_layouts_give_the_same_images(tmp_path, layout):
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, size=(20, 3 if layout != "nhw" else 1, 16, 16), dtype=np.uint8)
+    stored = {"nhw": base[:, 0], "nhwc": np.moveaxis(base, 1, -1), "nchw": base}[layout]
+    path = tmp_path / "d.npz"
+    labels = np.arange(20) % 3
+    np.savez(path, images=stored, labels=labels)
+    data = load_data(TrainConfig(data=str(path)))
+    raw = base.astype(np.float32) / 255
+    mean = raw[:16].mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    std = raw[:16].std(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+    np.testing.assert_allclose(data.x_train, (raw[:16] - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(data.x_test, (raw[16:] - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(data.y_test, labels[16:])
+
+
+def test_npz_with_explicit_split(tmp_path):
+    rng = np.random.default_rng(2)
+    path = tmp_path / "split.npz"
+    np.savez(
+        path,
+        x_train=rng.random((30, 1, 20, 20), dtype=np.float32),
+        y_train=np.arange(30) % 2,
+        x_test=rng.random((7, 1, 20, 20), dtype=np.float32),
+        y_test=np.arange(7) % 2,
+    )
+    data = load_data(TrainConfig(data=str(path)))
+    assert data.x_train.shape == (30, 1, 20, 20) and data.x_test.shape == (7, 1, 20, 20)
+    assert data.num_classes == 2
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (dict(images=np.zeros((10, 3, 8, 3), np.uint8), labels=np.zeros(10, int)), "channel axis"),
+        (dict(images=np.zeros((10, 8, 9), np.uint8), labels=np.zeros(10, int)), "square"),
+        (dict(images=np.zeros((10, 8, 8), np.uint8), labels=np.zeros(9, int)), r"\(10,\)"),
+        (dict(images=np.zeros((10, 8, 8), np.uint8), labels=np.full(10, 0.5)), "integers"),
+        (dict(pixels=np.zeros((10, 8, 8), np.uint8)), r"found \['pixels'\]"),
+    ],
+)
+def test_bad_npz_files_are_refused_with_clear_errors(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ConfigError, match=message):
+        load_data(TrainConfig(data=str(path)))
+
+
+# --------------------------------------------------------------------------- bad options
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "-1"], "argument --lr: expected a number > 0, got '-1'"),
+        (["--tau", "nan"], "argument --tau: expected a number >= 0, got 'nan'"),
+        (["--momentum", "1"], "argument --momentum: expected a number >= 0 and < 1, got '1'"),
+        (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+        (["--batch-size", "2.5"], "argument --batch-size: expected a positive integer, got '2.5'"),
+        (["--ranks", "0"], "argument --ranks: expected 'full', an integer >= 1"),
+        (["--ranks", "1.5"], "got '1.5'"),
+        (["--model", "vgg16"], "argument --model: invalid choice: 'vgg16'"),
+        (["--method", "svd"], "argument --method: invalid choice: 'svd'"),
+        (["--data", "digits.csv"], "got 'digits.csv'"),
+        (["--data", "missing.npz"], "data file 'missing.npz' does not exist"),
+        (["--method", "dense", "--one-pass"], "one_pass needs method 'tdlrt'"),
+        (["--threads", "0"], "argument --threads: expected 'auto' or a positive integer, got '0'"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_value(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--no-progress", "--subset", "10", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "tuckerman train: error:" in err and message in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+
+
+def test_cifar10_without_torchvision_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "cifar10", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--data cifar10 needs torchvision: `pip install torchvision`" in err
+
+
+def test_train_config_validation_names_the_value():
+    with pytest.raises(ConfigError, match=r"ranks must be an integer >= 1, got 0"):
+        train(TrainConfig(ranks=0))
+    with pytest.raises(ConfigError, match=r"batch_size must be an integer > 0, got 0"):
+        train(TrainConfig(batch_size=0))
+    with pytest.raises(ConfigError, match=r"model must be one of .*got 'lenet'"):
+        train(TrainConfig(model="lenet"))
+
+
+# --------------------------------------------------------------------------- the main job
+@pytest.mark.slow
+def test_main_job_reaches_95_percent_at_80_percent_compression(tmp_path):
+    report = _run(tmp_path, "--epochs", "2", "--seed", "0")
+    assert report["config"]["model"] == "lenet5" and report["config"]["method"] == "tdlrt"
+    assert report["data"]["train_size"] == 8000 and report["data"]["test_size"] == 2000
+    assert report["test_accuracy"] >= 0.95
+    assert report["compression_rate"] >= 0.80
