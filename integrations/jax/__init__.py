@@ -1,1 +1,54 @@
-"""JAX integration (in progress)."""
+"""JAX integration: Tucker layers as pure functions of pytrees, and optimizers.
+
+* Layers: :func:`tucker_dense`, :func:`tucker_conv` (NHWC, three-stage convolution), with
+  :func:`init_tucker_dense`, :func:`init_tucker_conv` and :func:`tucker_from_dense` (HOSVD).
+* Rank-adaptive training: :class:`TDLRT` (``init`` / ``step``, jitted once per rank bucket).
+* Fixed-rank Riemannian optimization as optax transformations: :func:`riemannian_gradient`,
+  :func:`tangent_momentum`, :func:`riemannian_sgd`, applied with :func:`apply_updates`.
+* ``jax.vmap`` over batches of Tucker points: :func:`stack_points`, :func:`unstack_points`.
+
+Importing this module registers ``TuckerTensor`` and ``TangentVector`` as JAX pytrees whose
+unflattening skips the shape validation, so ``vmap`` can return batches of them.
+"""
+
+from tuckerman.integrations.jax._pytree import _register
+
+_register()
+
+from tuckerman.integrations.jax._buckets import bucket_sizes  # noqa: E402
+from tuckerman.integrations.jax._layers import (  # noqa: E402
+    init_tucker_conv,
+    init_tucker_dense,
+    num_parameters,
+    tucker_conv,
+    tucker_dense,
+    tucker_from_dense,
+)
+from tuckerman.integrations.jax._pytree import stack_points, unstack_points  # noqa: E402
+from tuckerman.integrations.jax._riemannian import (  # noqa: E402
+    TangentMomentumState,
+    apply_updates,
+    riemannian_gradient,
+    riemannian_sgd,
+    tangent_momentum,
+)
+from tuckerman.integrations.jax._tdlrt import TDLRT, TDLRTState  # noqa: E402
+
+__all__ = [
+    "TDLRT",
+    "TDLRTState",
+    "TangentMomentumState",
+    "apply_updates",
+    "bucket_sizes",
+    "init_tucker_conv",
+    "init_tucker_dense",
+    "num_parameters",
+    "riemannian_gradient",
+    "riemannian_sgd",
+    "stack_points",
+    "tangent_momentum",
+    "tucker_conv",
+    "tucker_dense",
+    "tucker_from_dense",
+    "unstack_points",
+]
