@@ -5,6 +5,8 @@
 * Rank-adaptive training: :class:`TDLRT` (``init`` / ``step``, jitted once per rank bucket).
 * Fixed-rank Riemannian optimization as optax transformations: :func:`riemannian_gradient`,
   :func:`tangent_momentum`, :func:`riemannian_sgd`, applied with :func:`apply_updates`.
+* Data parallelism over devices (``jax.sharding``): :func:`data_parallel`, :func:`data_mesh`,
+  :func:`replicate`, :func:`shard_batch`, :func:`replica_divergence`.
 * ``jax.vmap`` over batches of Tucker points: :func:`stack_points`, :func:`unstack_points`.
 
 Importing this module registers ``TuckerTensor`` and ``TangentVector`` as JAX pytrees whose
@@ -16,6 +18,13 @@ from tuckerman.integrations.jax._pytree import _register
 _register()
 
 from tuckerman.integrations.jax._buckets import bucket_sizes  # noqa: E402
+from tuckerman.integrations.jax._distributed import (  # noqa: E402
+    data_mesh,
+    data_parallel,
+    replica_divergence,
+    replicate,
+    shard_batch,
+)
 from tuckerman.integrations.jax._layers import (  # noqa: E402
     init_tucker_conv,
     init_tucker_dense,
@@ -40,11 +49,16 @@ __all__ = [
     "TangentMomentumState",
     "apply_updates",
     "bucket_sizes",
+    "data_mesh",
+    "data_parallel",
     "init_tucker_conv",
     "init_tucker_dense",
     "num_parameters",
+    "replica_divergence",
+    "replicate",
     "riemannian_gradient",
     "riemannian_sgd",
+    "shard_batch",
     "stack_points",
     "tangent_momentum",
     "tucker_conv",

@@ -287,7 +287,16 @@ class TDLRT:
         self.compilations = 0
         self.buckets_visited: set = set()
         self.rank_history: list[list[tuple[int, ...]]] = []
-        self._jitted = jax.jit(self._step_impl, static_argnames=("loss_fn",))
+        self._set_placement(None)
+
+    def _set_placement(self, placement: Any) -> None:
+        """Data parallelism (``_distributed.data_parallel``): ``placement`` has ``replicated``
+        and ``batch`` shardings and ``replicate(tree)`` / ``shard_batch(batch)``; None: plain."""
+        self._placement = placement
+        shardings = {}
+        if placement is not None:  # the inputs are placed by step (jit takes their shardings)
+            shardings = {"out_shardings": placement.replicated}
+        self._jitted = jax.jit(self._step_impl, static_argnames=("loss_fn",), **shardings)
 
     # ------------------------------------------------------------------ structure
     def _split(self, params: Any) -> tuple[list, Any, list[int], list[int]]:
@@ -533,12 +542,17 @@ class TDLRT:
             true ranks), the new state, and the loss at the current point (before the step).
         """
         leaves, tucker = self._check(params, state, loss_fn)
+        place = self._placement
+        if place is not None:  # data parallel: the batch split over devices, the rest copied
+            batch = place.shard_batch(batch)
         targets = []
         for i in tucker:
             x = leaves[i]
             targets.append(tuple(bucket_of(s, r) for s, r in zip(self._sizes(x), x.ranks)))
         params, state = self._rebucket(params, state, targets)
         for _ in range(8):
+            if place is not None:  # a no-op for arrays already replicated
+                params, state = place.replicate((params, state))
             config = tuple(targets)
             self.buckets_visited.add(config)
             new_params, new_state, loss, finite, wanted = self._jitted(
@@ -570,6 +584,8 @@ class TDLRT:
         ]
         if shrink != targets:
             new_params, new_state = self._rebucket(new_params, new_state, shrink)
+            if place is not None:
+                new_params, new_state = place.replicate((new_params, new_state))
         return new_params, new_state, loss
 
     def ranks(self, state: TDLRTState) -> list[tuple[int, ...]]:
