@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -345,3 +346,159 @@ def test_main_job_reaches_95_percent_at_80_percent_compression(tmp_path):
     assert report["data"]["train_size"] == 8000 and report["data"]["test_size"] == 2000
     assert report["test_accuracy"] >= 0.95
     assert report["compression_rate"] >= 0.80
+
+
+# --------------------------------------------------------------------------- data parallel
+# Two gloo processes on the CPU. Each run is bounded: --dist-timeout makes a replica that waits
+# for a dead peer fail, and the launcher stops the others when one fails.
+# 321 = 10 * 32 + 1 examples: the last batch of each epoch leaves replica 1 without examples
+DDP_ARGS = ("--subset", "321", "--epochs", "2", "--batch-size", "32", "--lr", "0.1")
+DDP_ARGS += ("--ranks", "0.2", "--dtype", "float64", "--dist-timeout", "60")
+
+
+def _dense_weights(report: dict, out) -> dict[str, torch.Tensor]:
+    """The trained model's weights as dense tensors (Tucker layers multiplied out).
+
+    The factors themselves are not comparable across runs: at full rank the cores have nearly
+    equal singular values, whose singular vectors rounding may rotate within their span.
+    """
+    config = TrainConfig(**report["config"])
+    model = make_model(config, load_data(config), torch.device("cpu"))
+    model.load_state_dict(torch.load(out / "model.pt"))
+    weights = {
+        f"{name}.weight": module.dense_weight().detach()
+        for name, module in model.named_modules()
+        if isinstance(module, AbstractTuckerLayer)
+    }
+    for name, p in model.named_parameters():
+        if ".core" not in name and ".factors." not in name:
+            weights[name] = p.detach()
+    return weights
+
+
+def test_shard_weights_make_the_replicas_mean_the_global_mean():
+    from tuckerman.integrations.torch._train import shard
+
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 3, 7, 32):
+        idx = rng.permutation(100)[:m]
+        losses = rng.random(100)
+        world = 3
+        parts = [shard(idx, r, world) for r in range(world)]
+        # every example exactly once among the replicas with a nonzero weight
+        kept = np.concatenate([p for p, w in parts if w > 0])
+        assert sorted(kept) == sorted(idx)
+        # DDP averages the replicas' weight * local mean: the mean over the global batch
+        ddp_mean = sum(w * losses[p].mean() for p, w in parts) / world
+        assert ddp_mean == pytest.approx(losses[idx].mean(), rel=1e-14)
+
+
+def test_nproc_2_equals_one_process_on_the_global_batch(tmp_path):
+    one = _run(tmp_path, *DDP_ARGS, name="one")
+    two = _run(tmp_path, *DDP_ARGS, "--nproc", "2", name="two")
+    assert one["world_size"] == 1 and one["config"]["nproc"] == 1
+    assert two["world_size"] == 2 and two["config"]["nproc"] == 2
+    assert two["steps"] == one["steps"] == 22
+    assert two["data"] == one["data"]
+    # the ranks, which TDLRT changes during the run, exactly at every step
+    assert len(two["rank_history"]) == 22 and two["rank_history"] == one["rank_history"]
+    assert len({json.dumps(h) for h in one["rank_history"]}) > 3
+    assert two["ranks"] == one["ranks"] and two["compression"] == one["compression"]
+    for a, b in zip(one["history"], two["history"]):
+        assert b["test_accuracy"] == a["test_accuracy"]
+        assert b["train_accuracy"] == a["train_accuracy"]  # counted over both replicas
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-12)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-12)
+    assert two["test_accuracy"] > 0.3  # it learned something (chance: 0.1)
+    assert two["history"][1]["train_loss"] < two["history"][0]["train_loss"] - 0.3
+    w1, w2 = _dense_weights(one, tmp_path / "one"), _dense_weights(two, tmp_path / "two")
+    assert w1.keys() == w2.keys() and len(w1) == 8
+    for name in w1:
+        assert w1[name].dtype == torch.float64
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-12, msg=name)
+    _check_report(two, tmp_path / "two")
+
+
+def test_nproc_2_dense_method_equals_one_process(tmp_path):
+    """The dense model trains with SGD through the same TuckerDDP wrapper."""
+    args = (*DDP_ARGS, "--method", "dense", "--epochs", "1")
+    one = _run(tmp_path, *args, name="one")
+    two = _run(tmp_path, *args, "--nproc", "2", name="two")
+    assert two["steps"] == one["steps"] == 11 and two["world_size"] == 2
+    assert two["test_accuracy"] == one["test_accuracy"] > 0.2
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-12)
+    assert two["history"][0]["train_accuracy"] == one["history"][0]["train_accuracy"]
+    a, b = torch.load(tmp_path / "one" / "model.pt"), torch.load(tmp_path / "two" / "model.pt")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_torchrun_runs_one_replica_per_process(tmp_path):
+    """``python -m torch.distributed.run ... -m tuckerman.integrations.torch._cli train``
+    gives the same report and model as ``--nproc 2`` (same code path after the launch)."""
+    import subprocess
+
+    out = {name: tmp_path / name for name in ("spawned", "torchrun")}
+    _run(tmp_path, *DDP_ARGS, "--epochs", "1", "--nproc", "2", name="spawned")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["-m", "tuckerman.integrations.torch._cli", "train", *DDP_ARGS, "--epochs", "1"]
+    command += ["--no-progress", "--out", str(out["torchrun"])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("test accuracy:") == 1  # the summary on rank 0 only
+    reports = {}
+    for name, path in out.items():
+        with open(path / "report.json") as f:
+            reports[name] = _without_times(json.load(f))
+            reports[name]["config"].pop("out")
+    assert reports["torchrun"] == reports["spawned"]
+    a, b = torch.load(out["spawned"] / "model.pt"), torch.load(out["torchrun"] / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nproc", "0"], "argument --nproc: expected a positive integer, got '0'"),
+        (["--nproc", "two"], "argument --nproc: expected a positive integer, got 'two'"),
+        (["--nproc", "3"], "batch_size 32 is not divisible by nproc 3"),
+        (["--nproc", "2", "--device", "cuda"], "device 'cuda' was asked for but torch sees no"),
+        (["--dist-timeout", "0"], "argument --dist-timeout: expected a number > 0, got '0'"),
+    ],
+)
+def test_bad_nproc_values_exit_2_before_starting(tmp_path, capsys, monkeypatch, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--no-progress", "--subset", "10", "--batch-size", "32", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "tuckerman train: error:" in err and message in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_nproc_under_torchrun_must_match_world_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="nproc 2 differs from WORLD_SIZE 4"):
+        train(TrainConfig(nproc=2, progress=False))
+    with pytest.raises(ConfigError, match="batch_size 30 is not divisible by nproc 4"):
+        train(TrainConfig(batch_size=30, progress=False))
+
+
+def test_a_failing_replica_stops_the_run_with_a_clear_error(tmp_path, capsys):
+    # a configuration error found in the replicas (here: loading the data) exits with status 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--nproc", "2", "--data", str(tmp_path / "missing.npz"), "--out",
+              str(tmp_path / "a")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "data file" in capsys.readouterr().err
+    # any other failure of a replica (rank 0 cannot create its output directory: a file is in
+    # the way) stops the other replica, which is waiting for it, and names the rank and error
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"(?s)replica of rank 0 failed.*FileExistsError"):
+        main(["train", "--nproc", "2", "--subset", "64", "--no-progress", "--out", str(blocker)])
+    assert time.perf_counter() - start < 60

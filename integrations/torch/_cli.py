@@ -1,6 +1,7 @@
 """The ``tuckerman`` console command: ``tuckerman train`` trains a compressed network.
 
-A thin argparse layer over :func:`tuckerman.integrations.torch._train.train`.
+A thin argparse layer over :func:`tuckerman.integrations.torch._train.train`. Also runnable as
+``python -m tuckerman.integrations.torch._cli``, e.g. under ``python -m torch.distributed.run``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tuckerman.integrations.torch._models import MODELS
 from tuckerman.integrations.torch._train import (
     DATASETS,
     DEVICES,
+    DTYPES,
     INNERS,
     METHODS,
     SCHEDULES,
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.ranks,
         metavar="{full,INT,FRACTION}",
         help="initial ranks (tdlrt) or fixed ranks (tucker-fixed) of the channel modes: 'full', "
-        "a cap, or a fraction of full rank (default: full)",
+        "a cap, or a fraction of full rank; none given: full rank",
     )
     g.add_argument(
         "--init", choices=("random", "hosvd"), default=d.init, help="Tucker layer initialization"
@@ -191,12 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule", choices=SCHEDULES, default=d.schedule, help="learning rate per step"
     )
     g.add_argument("--momentum", type=_momentum, default=d.momentum, help="SGD momentum")
-    g.add_argument("--weight-decay", type=_nonnegative_float, default=d.weight_decay)
+    g.add_argument(
+        "--weight-decay", type=_nonnegative_float, default=d.weight_decay, help="L2 weight decay"
+    )
     g.add_argument(
         "--inner", choices=INNERS, default=d.inner, help="inner optimizer (cores, dense layers)"
     )
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs, help="passes over the data")
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help="global batch size (split across processes with --nproc)",
+    )
     g.add_argument(
         "--max-steps",
         type=_positive_int,
@@ -211,7 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.seed,
         help="seeds torch, numpy and the data order (same seed, same report on CPU)",
     )
-    g.add_argument("--device", choices=DEVICES, default=d.device)
+    g.add_argument(
+        "--device", choices=DEVICES, default=d.device, help="'auto': cuda when available"
+    )
+    g.add_argument(
+        "--dtype", choices=DTYPES, default=d.dtype, help="floating-point type of model and data"
+    )
     g.add_argument(
         "--threads",
         type=_threads,
@@ -228,6 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
         "runs/<date>-<time>)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = t.add_argument_group("data parallel")
+    g.add_argument(
+        "--nproc",
+        type=_positive_int,
+        default=d.nproc,
+        metavar="N",
+        help="train with N replica processes on this machine (gloo on the CPU, NCCL with one GPU "
+        "each for --device cuda); each step's --batch-size examples are split across them "
+        "(batch-size / N per replica). Under torchrun the launcher starts the processes: leave "
+        "it at 1",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=d.dist_timeout,
+        metavar="SECONDS",
+        help="how long a replica waits for the others in a collective before failing (rank 0 "
+        "evaluates while the others wait)",
+    )
     t.set_defaults(subparser=t)
     return parser
 
@@ -256,6 +289,9 @@ def _config(args: argparse.Namespace) -> TrainConfig:
         out=args.out,
         data_root=args.data_root,
         progress=not args.no_progress,
+        dtype=args.dtype,
+        nproc=args.nproc,
+        dist_timeout=args.dist_timeout,
     )
 
 
@@ -279,7 +315,8 @@ def _summary(report: dict, out: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tuckerman`` command; returns the exit status.
 
-    Bad options exit with status 2 and an argparse message naming the value.
+    Bad options exit with status 2 and an argparse message naming the value. Under ``torchrun``
+    only rank 0 prints the summary.
 
     Examples
     --------
@@ -307,6 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = train(config)
     except ConfigError as err:
         args.subparser.error(str(err))  # exits with status 2
-    print(_summary(report, config.out))
-    sys.stdout.flush()
+    if report is not None:  # None: a replica other than rank 0 under torchrun
+        print(_summary(report, config.out))
+        sys.stdout.flush()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,15 +5,25 @@ the report (also written to ``report.json`` with plots). It is built from small 
 distributed run can wrap them: :func:`load_data` (arrays on the host), :func:`make_model`
 (dense model → Tucker layers), :func:`make_optimizer`, :func:`make_closure` (one gradient
 evaluation on a batch), :func:`train_epoch` and :func:`evaluate`.
+
+With ``nproc > 1`` (or under ``torchrun``) :func:`train` runs data-parallel: one process per
+replica (gloo on the CPU, NCCL with one GPU per process), the model wrapped in
+:class:`~tuckerman.integrations.torch.TuckerDDP`, each global batch of ``batch_size`` examples
+split across the replicas, and evaluation, report and plots on rank 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import gc
 import json
 import math
 import numbers
+import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +40,7 @@ import tuckerman
 __all__ = [
     "ConfigError",
     "DATASETS",
+    "DTYPES",
     "METHODS",
     "TrainConfig",
     "evaluate",
@@ -47,6 +58,7 @@ DATASETS = ("mnist", "cifar10")
 DEVICES = ("auto", "cpu", "cuda")
 INNERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
+DTYPES = ("float32", "float64")
 EVAL_BATCH = 1000
 
 
@@ -112,6 +124,18 @@ class TrainConfig:
         Where torchvision keeps CIFAR-10.
     progress : bool
         Show a tqdm progress bar per epoch.
+    dtype : {"float32", "float64"}
+        Floating-point type of the model and the data.
+    nproc : int
+        Data-parallel replicas (processes) on this machine: 1 trains in this process; more
+        starts that many processes (gloo on the CPU, NCCL with one GPU each for CUDA), each
+        training on ``batch_size / nproc`` examples of every global batch of ``batch_size``
+        (which must be divisible by ``nproc``). Under ``torchrun`` (``WORLD_SIZE`` > 1 in the
+        environment) this process is one replica, and ``nproc`` must be 1 or ``WORLD_SIZE``.
+    dist_timeout : float
+        Seconds a replica waits for the others in a collective before failing (data-parallel
+        runs only). Rank 0 evaluates the test set while the others wait in their next step, so
+        it must exceed the evaluation time.
     """
 
     model: str = "lenet5"
@@ -136,6 +160,9 @@ class TrainConfig:
     out: str | None = None
     data_root: str = "~/.cache/tuckerman"
     progress: bool = True
+    dtype: str = "float32"
+    nproc: int = 1
+    dist_timeout: float = 1800.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad setting."""
@@ -158,12 +185,13 @@ class TrainConfig:
         choice("inner", INNERS)
         choice("schedule", SCHEDULES)
         choice("init", ("random", "hosvd"))
+        choice("dtype", DTYPES)
         if not isinstance(self.data, str) or not (
             self.data in DATASETS or self.data.endswith(".npz")
         ):
             raise ConfigError(f"data must be one of {DATASETS} or a PATH.npz, got {self.data!r}")
-        for name in ("lr", "epochs", "batch_size"):
-            number(name, positive=True, integer=name != "lr")
+        for name in ("lr", "epochs", "batch_size", "nproc", "dist_timeout"):
+            number(name, positive=True, integer=name not in ("lr", "dist_timeout"))
         for name in ("tau", "momentum", "weight_decay"):
             number(name, positive=False)
         number("seed", positive=False, integer=True)
@@ -184,6 +212,12 @@ class TrainConfig:
                 raise ConfigError(f"a fractional ranks must lie in (0, 1], got {r!r}")
         if self.one_pass and self.method != "tdlrt":
             raise ConfigError(f"one_pass needs method 'tdlrt', got method {self.method!r}")
+        if self.batch_size % self.nproc:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by nproc {self.nproc}: each "
+                f"step's global batch of batch_size examples is split evenly across the "
+                f"{self.nproc} replicas (batch_size / nproc per replica)"
+            )
 
 
 # --------------------------------------------------------------------------- data
@@ -358,7 +392,7 @@ def make_model(config: TrainConfig, data: Data, device: torch.device) -> nn.Modu
     """The dense reference model, with its layers made Tucker unless ``method == "dense"``.
 
     The first convolution and the last linear layer stay dense (as in the paper); the others get
-    ``config.ranks`` and ``config.init``.
+    ``config.ranks`` and ``config.init``. The model is moved to ``device`` and ``config.dtype``.
     """
     try:
         model = build_model(config.model, data.in_channels, data.num_classes, data.image_size)
@@ -366,7 +400,7 @@ def make_model(config: TrainConfig, data: Data, device: torch.device) -> nn.Modu
         raise ConfigError(f"{err} (data {data.name!r}, images {data.x_train.shape[1:]})") from None
     if config.method != "dense":
         model = tuckerize(model, ranks=config.ranks, init=config.init)
-    return model.to(device)
+    return model.to(device=device, dtype=getattr(torch, config.dtype))
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -407,7 +441,7 @@ def make_scheduler(
 
 
 def make_closure(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, record: dict
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, record: dict, weight: float = 1.0
 ) -> Callable[[], torch.Tensor]:
     """One gradient evaluation of the cross-entropy on the batch ``(x, y)``.
 
@@ -415,13 +449,18 @@ def make_closure(
     stores the loss and the number of correct predictions in ``record`` (``"loss"``,
     ``"correct"``): TDLRT calls the closure twice per step, and the first call is at the
     current point.
+
+    ``weight`` scales the mean loss that is differentiated (not the one recorded): a replica of
+    a data-parallel run holding ``n_r`` of the ``m`` examples of a global batch uses
+    ``n_r * world_size / m``, so that DDP's average of the replicas' gradients is the gradient of
+    the mean over the global batch also when the shares differ (1 when they are equal).
     """
 
     def closure() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
-        loss.backward()
+        (loss if weight == 1.0 else loss * weight).backward()
         if "loss" not in record:
             record["loss"] = loss.detach()
             record["correct"] = (logits.detach().argmax(1) == y).sum()
@@ -437,16 +476,56 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.nd
         yield order[start : start + batch_size]
 
 
+def shard(idx: np.ndarray, rank: int, world_size: int) -> tuple[np.ndarray, float]:
+    """Replica ``rank``'s part of the global batch ``idx`` and its loss weight.
+
+    The batch is cut into ``world_size`` contiguous parts (equal when ``world_size`` divides
+    its length, else differing by one). The weight ``len(part) * world_size / len(idx)`` makes
+    DDP's average of the replicas' gradients of ``weight * mean loss`` the gradient of the mean
+    loss over the whole batch. A replica left without examples (a last batch shorter than
+    ``world_size``) gets the batch's first example with weight 0: it must still take part in
+    the forward and backward passes (DDP's all-reduce), but contributes zero gradients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tuckerman.integrations.torch._train import shard
+    >>> shard(np.arange(8), 1, 2)
+    (array([4, 5, 6, 7]), 1.0)
+    >>> shard(np.arange(3), 1, 2)
+    (array([2]), 0.6666666666666666)
+    >>> shard(np.arange(1), 1, 2)
+    (array([0]), 0.0)
+    """
+    part = np.array_split(idx, world_size)[rank]
+    if len(part) == 0:
+        return idx[:1], 0.0
+    return part, len(part) * world_size / len(idx)
+
+
+@dataclasses.dataclass
+class _Replica:
+    """This process's place in a data-parallel run: its rank, the group size, the wrapper."""
+
+    rank: int
+    world_size: int
+    wrapper: nn.Module  # the TuckerDDP around the model
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode."""
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode.
+
+    The images are cast to the floating-point type of the model's parameters.
+    """
     was_training = model.training
     model.eval()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     total_loss, correct = 0.0, 0
     for start in range(0, len(x), EVAL_BATCH):
-        xb = torch.from_numpy(x[start : start + EVAL_BATCH]).to(device)
+        xb = torch.from_numpy(x[start : start + EVAL_BATCH]).to(device=device, dtype=dtype)
         yb = torch.from_numpy(y[start : start + EVAL_BATCH]).to(device)
         logits = model(xb)
         total_loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
@@ -469,15 +548,22 @@ def train_epoch(
     device: torch.device,
     steps_left: int | None,
     description: str,
+    replica: _Replica | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over the training data; returns mean loss, accuracy and the number of steps."""
+    """One pass over the training data; returns mean loss, accuracy and the number of steps.
+
+    ``replica`` (data-parallel runs): every replica draws the same global batches from ``rng``
+    and trains on its :func:`shard` of each through ``replica.wrapper``; the returned loss and
+    accuracy are over all replicas' examples, and only rank 0 shows a progress bar.
+    """
     model.train()
     n = len(data.x_train)
     n_batches = math.ceil(n / config.batch_size)
     if steps_left is not None:
         n_batches = min(n_batches, steps_left)
+    dtype = getattr(torch, config.dtype)
     bar = None
-    if config.progress:
+    if config.progress and (replica is None or replica.rank == 0):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_batches, desc=description, leave=True, dynamic_ncols=True)
@@ -485,14 +571,19 @@ def train_epoch(
     for idx in batches(n, config.batch_size, rng):
         if steps == n_batches:
             break
-        xb = torch.from_numpy(data.x_train[idx]).to(device)
+        forward, weight = model, 1.0
+        if replica is not None:
+            idx, weight = shard(idx, replica.rank, replica.world_size)
+            forward = replica.wrapper
+        xb = torch.from_numpy(data.x_train[idx]).to(device=device, dtype=dtype)
         yb = torch.from_numpy(data.y_train[idx]).to(device)
         record: dict = {}
-        optimizer.step(make_closure(model, xb, yb, record))
+        optimizer.step(make_closure(forward, xb, yb, record, weight))
         scheduler.step()
-        loss_sum += float(record["loss"]) * len(idx)
-        correct += int(record["correct"])
-        seen += len(idx)
+        if weight != 0.0:
+            loss_sum += float(record["loss"]) * len(idx)
+            correct += int(record["correct"])
+            seen += len(idx)
         steps += 1
         if bar is not None:
             bar.update(1)
@@ -501,6 +592,12 @@ def train_epoch(
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", cr=f"{100 * cr:.1f}%")
     if bar is not None:
         bar.close()
+    if replica is not None:  # sums over the replicas (one all-reduce per epoch)
+        import torch.distributed as dist
+
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
     return loss_sum / max(seen, 1), correct / max(seen, 1), steps
 
 
@@ -515,11 +612,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def train(config: TrainConfig | None = None) -> dict:
+def train(config: TrainConfig | None = None) -> dict | None:
     """Train a model as configured; write ``report.json``, plots and ``model.pt`` to ``config.out``.
 
     ``model.pt`` is the trained model's ``state_dict`` (Tucker layers at their final ranks;
     :func:`make_model` with the same config and ``load_state_dict`` restore it).
+
+    With ``config.nproc > 1`` it starts ``nproc`` replica processes (``spawn``; gloo on the CPU,
+    NCCL with one GPU per process for CUDA) that train data-parallel with
+    :class:`~tuckerman.integrations.torch.TuckerDDP` and :class:`TDLRT` (rank decisions taken on
+    rank 0 and broadcast), waits for them and returns rank 0's report; if a replica fails, the
+    others are stopped and the error names it. Started by ``torchrun`` (``WORLD_SIZE`` > 1 in the
+    environment), this process is one replica: it joins the group from the environment, and
+    returns the report on rank 0 and None on the others.
 
     Parameters
     ----------
@@ -536,7 +641,7 @@ def train(config: TrainConfig | None = None) -> dict:
         ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``,
         ``compression_rate``, ``ranks``, ``time_s``), ``rank_history`` (per step, TDLRT only),
         ``config``, ``versions``, ``seed``, ``device``, ``threads``, ``data``, ``steps``,
-        ``time_s``, and ``plots`` (file names).
+        ``time_s``, ``world_size`` (the number of replicas) and ``plots`` (file names).
 
     Examples
     --------
@@ -549,28 +654,175 @@ def train(config: TrainConfig | None = None) -> dict:
     """
     config = TrainConfig() if config is None else config
     config.validate()
-    threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size > 1:  # started by torchrun (or another launcher that sets the environment)
+        if config.nproc not in (1, world_size):
+            raise ConfigError(
+                f"nproc {config.nproc} differs from WORLD_SIZE {world_size} set by the launcher "
+                "(torchrun): leave nproc at 1 (the launcher starts the processes) or give the "
+                "same number"
+            )
+        config = dataclasses.replace(config, nproc=world_size)
+        config.validate()  # batch_size divisible by the world size
+        rank = _env_int("RANK", None)
+        local_rank = _env_int("LOCAL_RANK", rank)
+        local_world = _env_int("LOCAL_WORLD_SIZE", world_size)
+        return _run_replica(config, "env://", rank, local_rank, local_world)
+    if config.nproc > 1:
+        return _launch(config)
+    with _num_threads(config.threads):
         return _train(config)
-    finally:
+
+
+# --------------------------------------------------------------------------- data parallel
+def _env_int(name: str, default: int | None) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise ConfigError(
+                f"{name} is not set in the environment (WORLD_SIZE is): start with "
+                "torchrun, which sets RANK, LOCAL_RANK, WORLD_SIZE and MASTER_*"
+            )
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be an integer, got {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"environment variable {name} must be >= 0, got {text!r}")
+    return value
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Iterator[None]:
+    """Torch's CPU threads set to ``threads`` (None: unchanged) and restored afterwards."""
+    before = torch.get_num_threads()
+    if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def _train(config: TrainConfig) -> dict:
-    device = resolve_device(config.device)
+def _replica_device(device: str, local_rank: int, local_world: int) -> torch.device:
+    """The device of the replica ``local_rank`` of ``local_world`` on this machine."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device")
+    count = torch.cuda.device_count()
+    if count < local_world:
+        raise ConfigError(
+            f"{local_world} replicas on this machine need one CUDA device each, but torch sees "
+            f"{count}: use nproc <= {count} or device 'cpu'"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def _launch(config: TrainConfig) -> dict:
+    """Run ``config.nproc`` spawned replicas of :func:`_run_replica`; rank 0's report."""
+    import torch.multiprocessing as mp
+
+    _replica_device(config.device, 0, config.nproc)  # refuse before starting anything
+    out = config.out or time.strftime("runs/%Y%m%d-%H%M%S")
+    config = dataclasses.replace(config, out=out)
+    with tempfile.TemporaryDirectory(prefix="tuckerman-train-") as tmp:
+        context = mp.start_processes(
+            _spawned_replica,
+            args=(config, Path(tmp, "store").as_uri(), tmp),
+            nprocs=config.nproc,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            while not context.join():  # raises when a replica fails, after stopping the others
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            own = Path(tmp, f"config-error-{err.error_index}.txt")
+            found = [own] if own.exists() else sorted(Path(tmp).glob("config-error-*.txt"))
+            if found:
+                raise ConfigError(found[0].read_text()) from None
+            raise RuntimeError(
+                f"train with nproc {config.nproc}: the replica of rank {err.error_index} failed "
+                f"and the others were stopped:\n{err}"
+            ) from None
+        finally:
+            for process in context.processes:  # e.g. after KeyboardInterrupt
+                if process.is_alive():
+                    process.terminate()
+                    process.join(10)
+    with open(Path(out).expanduser() / "report.json") as f:
+        return json.load(f)
+
+
+def _spawned_replica(rank: int, config: TrainConfig, init_method: str, tmp: str) -> None:
+    """Body of a replica started by :func:`_launch` (a module-level function for ``spawn``)."""
+    try:
+        _run_replica(config, init_method, rank, rank, config.nproc)
+    except ConfigError as err:  # passed on to the parent, which raises it as a ConfigError
+        Path(tmp, f"config-error-{rank}.txt").write_text(str(err))
+        raise
+
+
+def _run_replica(
+    config: TrainConfig, init_method: str, rank: int, local_rank: int, local_world: int
+) -> dict | None:
+    """Join the process group, train one replica, leave the group (also on errors)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise ConfigError(
+            "data-parallel training needs torch.distributed, which this torch "
+            "build lacks (torch.distributed.is_available() is False)"
+        )
+    device = _replica_device(config.device, local_rank, local_world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=config.nproc,
+        timeout=datetime.timedelta(seconds=config.dist_timeout),
+    )
+    try:
+        with _num_threads(config.threads):
+            report = _train(config, (rank, device))
+        # wait for rank 0's evaluation and files, so that all replicas end together
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+        return report
+    finally:
+        # DDP's reducers hold the group, and reference cycles keep them alive: free them and the
+        # group now, not while the interpreter shuts down (where freeing gloo's worker threads
+        # occasionally aborted a replica: "terminate called without an active exception")
+        gc.collect()
+        dist.destroy_process_group()
+        gc.collect()
+
+
+def _train(config: TrainConfig, replica: tuple[int, torch.device] | None = None) -> dict | None:
+    """One training run: this process alone, or the replica ``(rank, device)`` of a group."""
+    device = resolve_device(config.device) if replica is None else replica[1]
+    rank = 0 if replica is None else replica[0]
     torch.manual_seed(config.seed)
     data = load_data(config)
     model = make_model(config, data, device)
-    optimizer = make_optimizer(model, config)
+    ddp: _Replica | None = None
+    if replica is not None:
+        from tuckerman.integrations.torch._distributed import TuckerDDP
+
+        wrapper = TuckerDDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = _Replica(rank, config.nproc, wrapper)
+    optimizer = make_optimizer(model if ddp is None else ddp.wrapper, config)
     rng = np.random.default_rng(config.seed)
     total_steps = config.epochs * math.ceil(len(data.x_train) / config.batch_size)
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     scheduler = make_scheduler(optimizer, config, total_steps)
     out = Path(config.out or time.strftime("runs/%Y%m%d-%H%M%S")).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
 
     history = []
     steps = 0
@@ -590,9 +842,12 @@ def _train(config: TrainConfig) -> dict:
             device,
             left,
             f"epoch {epoch}/{config.epochs}",
+            ddp,
         )
         steps += n_steps
         epoch_time = time.perf_counter() - t0
+        if rank != 0:  # evaluation, history and files on rank 0
+            continue
         test_loss, test_acc = evaluate(model, data.x_test, data.y_test, device)
         comp = compression_report(model)
         history.append(
@@ -609,6 +864,8 @@ def _train(config: TrainConfig) -> dict:
             }
         )
     total_time = time.perf_counter() - start
+    if rank != 0:
+        return None
     comp = compression_report(model)
     final = history[-1]
     rank_history = [
@@ -627,6 +884,7 @@ def _train(config: TrainConfig) -> dict:
         "seed": config.seed,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "world_size": config.nproc,
         "data": {
             "name": data.name,
             "train_size": len(data.x_train),
