@@ -8,6 +8,7 @@ a free port) under a deadline: a hang fails the test instead of stalling CI.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -142,7 +143,11 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             )
             torch.save(out, os.path.join(outdir, f"{name}_{rank}.pt"))
     finally:
+        # DDP reducers in reference cycles hold the group: free them before it (freeing gloo's
+        # threads at interpreter exit occasionally aborts a process)
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _free_port() -> int:
@@ -260,7 +265,9 @@ def group():
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
+    gc.collect()
     dist.destroy_process_group()
+    gc.collect()
 
 
 def _small():
