@@ -455,3 +455,19 @@ def test_compression_report_sees_the_updates():
     assert [layer["name"] for layer in report["layers"]] == ["0.delta"]
     assert report["parameters"] == 9 + 30 * 3 + 40 * 3
     assert report["dense_parameters"] == 40 * 30
+
+
+def test_a_failing_target_leaves_earlier_layers_unfrozen():
+    """Building adapters freezes each base layer; when a later target fails, the earlier bases
+    get their requires_grad flags back and stay unwrapped."""
+    net = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+
+    def ranks(name, module):
+        if name == "1":
+            raise ValueError("no ranks for layer 1")
+        return 2
+
+    with pytest.raises(ValueError, match="no ranks for layer 1"):
+        add_tucker_adapters(net, ["0", "1"], ranks=ranks, freeze_model=False)
+    assert [type(m) for m in net] == [nn.Linear, nn.Linear]
+    assert all(p.requires_grad for p in net.parameters())

@@ -202,10 +202,9 @@ class _DataParallelPlacement:
     def __init__(self, mesh: Mesh, axis: str) -> None:
         self.mesh, self.axis = mesh, axis
         self.replicated = NamedSharding(mesh, P())
-        self.batch = NamedSharding(mesh, P(axis))
 
     def replicate(self, tree: Any) -> Any:
-        return jax.device_put(tree, self.replicated)
+        return replicate(tree, self.mesh)
 
     def shard_batch(self, batch: Any) -> Any:
         return shard_batch(batch, self.mesh, self.axis)

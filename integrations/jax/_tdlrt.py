@@ -576,6 +576,8 @@ class TDLRT:
                 break
             targets = grow  # a rank outgrew its bucket: redo the step in the larger bucket
             params, state = self._rebucket(params, state, targets)
+        else:  # each retry strictly grows a bucket, and buckets are bounded by the mode sizes
+            raise AssertionError(f"rank buckets did not settle after 8 tries: {targets}")
         ranks = [tuple(int(r) for r in ws) for ws in wanted]
         self.rank_history.append(ranks)
         shrink = [

@@ -402,10 +402,16 @@ def add_tucker_adapters(
             chosen.setdefault(id(m), (n, m))
 
     # build every adapter first: a bad rank raises before the model is touched
-    new: dict[int, nn.Module] = {}
-    for key, (n, m) in chosen.items():
-        spec = ranks(n, m) if callable(ranks) else ranks
-        new[key] = TuckerAdapter(m, spec, scale=scale, adaptive_modes=adaptive_modes, name=n)
+    new: dict[int, TuckerAdapter] = {}
+    try:
+        for key, (n, m) in chosen.items():
+            spec = ranks(n, m) if callable(ranks) else ranks
+            new[key] = TuckerAdapter(m, spec, scale=scale, adaptive_modes=adaptive_modes, name=n)
+    except BaseException:  # adapters built so far froze their base layers: unfreeze them
+        for adapter in new.values():
+            for name, p in adapter.base.named_parameters():
+                p.requires_grad_(adapter._base_requires_grad[name])
+        raise
     model = _replace_modules(model, new)
     if freeze_model:
         keep = {id(p) for _, a in _adapters(model) for p in a.delta.parameters()}
