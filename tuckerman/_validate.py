@@ -114,3 +114,10 @@ def check_real_floating(xp: Any, *arrays: Any, what: str = "arrays") -> Any:
     if not xp.isdtype(dtype, "real floating"):
         raise TypeError(f"{what} must have a real floating dtype (float32/float64), got {dtype}")
     return dtype
+
+
+def full_ranks(shape: Any) -> tuple[int, ...]:
+    """The largest feasible multilinear rank of a tensor of ``shape``: ``min(n_k, prod_{j≠k} n_j)``
+    per mode, lowered until feasible."""
+    shape = tuple(int(n) for n in shape)
+    return feasible_ranks([min(n, math.prod(shape) // n) for n in shape])

@@ -9,7 +9,6 @@ weight. The jitted step is compiled once per bucket configuration, not once per 
 from __future__ import annotations
 
 import bisect
-import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -19,12 +18,6 @@ import jax.numpy as jnp
 import tuckerman as tm
 
 __all__ = ["bucket_sizes", "bucket_of", "pad_tucker", "trim_tucker", "pad_core", "trim_core"]
-
-
-def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
-    """The largest feasible multilinear rank of a tensor of ``shape``."""
-    shape = tuple(int(n) for n in shape)
-    return tm.feasible_ranks([min(n, math.prod(shape) // n) for n in shape])
 
 
 def check_buckets(buckets: Any) -> Any:

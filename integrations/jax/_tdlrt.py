@@ -36,7 +36,6 @@ from tuckerman.integrations.jax._buckets import (
     bucket_of,
     bucket_sizes,
     check_buckets,
-    full_ranks,
     pad_core,
     pad_tucker,
     trim_core,
@@ -44,6 +43,7 @@ from tuckerman.integrations.jax._buckets import (
 )
 
 import tuckerman as tm
+from tuckerman._validate import full_ranks
 
 __all__ = ["TDLRT", "TDLRTState"]
 

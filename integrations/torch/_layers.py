@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tuckerman as tm
-from tuckerman._validate import feasible_ranks, feasible_ranks_error
+from tuckerman._validate import feasible_ranks, feasible_ranks_error, full_ranks
 
 __all__ = ["AbstractTuckerLayer", "TuckerLinear", "TuckerConv2d"]
 
@@ -74,15 +74,6 @@ def _floating_dtype(dtype: Any, owner: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{owner}: dtype must be a real floating torch dtype, got {dtype!r}")
     return dtype
-
-
-def full_ranks(shape: Sequence[int]) -> tuple[int, ...]:
-    """The largest feasible multilinear rank of a tensor of ``shape``.
-
-    ``min(n_k, prod_{j≠k} n_j)`` per mode, lowered until feasible.
-    """
-    shape = tuple(int(n) for n in shape)
-    return feasible_ranks([min(n, math.prod(shape) // n) for n in shape])
 
 
 def resolve_ranks(
