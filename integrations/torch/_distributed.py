@@ -165,15 +165,19 @@ class ReplicaSync:
         dist = _dist()
         names = list(ranks)
         flat = [int(r) for name in names for r in ranks[name]]
-        packed = torch.tensor([len(flat), *flat], dtype=torch.int64, device=self.device)
+        # the count first: a broadcast of tensors of different sizes fails (gloo) or hangs (NCCL)
+        count = torch.tensor([len(flat)], dtype=torch.int64, device=self.device)
+        dist.broadcast(count, src=self._src, group=self.process_group)
+        if int(count.item()) != len(flat):
+            raise RuntimeError(
+                f"ReplicaSync.agree_ranks: rank 0 sent {int(count.item())} ranks but this "
+                f"replica's model has {len(flat)} (layers {names}): the replicas hold different "
+                "models"
+            )
+        packed = torch.tensor(flat, dtype=torch.int64, device=self.device)
         dist.broadcast(packed, src=self._src, group=self.process_group)
         got = [int(v) for v in packed.cpu().tolist()]
-        if got[0] != len(flat):
-            raise RuntimeError(
-                f"ReplicaSync.agree_ranks: rank 0 sent {got[0]} ranks but this replica's model "
-                f"has {len(flat)} (layers {names}): the replicas hold different models"
-            )
-        out, i = {}, 1
+        out, i = {}, 0
         for name in names:
             d = len(ranks[name])
             out[name] = tuple(got[i : i + d])
