@@ -168,7 +168,7 @@ def tucker_conv(
     >>> import jax, jax.numpy as jnp
     >>> from tuckerman.integrations.jax import init_tucker_conv, tucker_conv
     >>> p = init_tucker_conv(jax.random.key(0), 3, 8, (3, 3), ranks=(4, 2))
-    >>> tucker_conv(p, jnp.ones((2, 10, 10, 3)), padding="SAME").shape
+    >>> tucker_conv(p, jnp.ones((2, 10, 10, 3), jnp.float32), padding="SAME").shape
     (2, 10, 10, 8)
     """
     w = _weight(params, 4, "tucker_conv")
