@@ -85,3 +85,29 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def environment(env_prefixes: tuple[str, ...] = (), **extra: object) -> dict:
+    """The record every results file carries: date, git commit and whether the library sources
+    differ from it, Python, platform, CPU, the environment variables starting with
+    ``env_prefixes`` (thread and allocator settings), then ``extra`` (library versions...)."""
+    import datetime as _dt
+    import sys
+
+    import tuckerman
+
+    dirty = git("status", "--porcelain", "--", "tuckerman", "backends", "integrations")
+    record: dict = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": None if dirty is None else bool(dirty),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "tuckerman": tuckerman.__version__,
+    }
+    if env_prefixes:
+        record["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(env_prefixes)}
+    record.update(extra)
+    return record

@@ -38,21 +38,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _common  # noqa: E402
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import CpuMonitor, cpu_model, git  # noqa: E402
+from _common import CpuMonitor  # noqa: E402
 from torch import nn
 from tuckerman.integrations.torch import TDLRT, adapter_report, add_tucker_adapters
 
@@ -500,18 +497,7 @@ def plot(rows: list[dict], seeds: list[dict], taus: list[float], plot_dir: Path)
 
 
 def environment() -> dict:
-    dirty = git("status", "--porcelain", "--", "tuckerman", "backends", "integrations")
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": None if dirty is None else bool(dirty),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-    }
+    return _common.environment(torch=torch.__version__, torch_num_threads=torch.get_num_threads())
 
 
 def main(argv: list[str] | None = None) -> int:

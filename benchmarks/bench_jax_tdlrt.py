@@ -27,20 +27,19 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _common  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import BUSY_SHARE, CpuMonitor, cpu_model, git, wait_until_idle
+from _common import BUSY_SHARE, CpuMonitor, wait_until_idle
 from jax import lax
 from tuckerman.integrations.jax import (
     TDLRT,
@@ -187,19 +186,13 @@ def measure(batch_size: int, rounds: int, warmup: int) -> dict:
 
 
 def environment() -> dict:
-    dirty = git("status", "--porcelain", "--", "tuckerman", "backends", "integrations")
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "core_uncommitted_changes": bool(dirty) if dirty is not None else None,
-        "python": sys.version.split()[0],
-        "jax": jax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "jax_devices": [str(d) for d in jax.devices()],
-    }
+    return _common.environment(
+        ("XLA_FLAGS", "OMP_", "OPENBLAS_"),
+        jax=jax.__version__,
+        optax=optax.__version__,
+        numpy=np.__version__,
+        jax_devices=[str(d) for d in jax.devices()],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,12 +39,9 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -53,8 +50,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _common  # noqa: E402
 import numpy as np
-from _common import BUSY_SHARE, CpuMonitor, cpu_model, git, wait_until_idle  # noqa: E402
+from _common import BUSY_SHARE, CpuMonitor, wait_until_idle  # noqa: E402
 
 import tuckerman as tm
 
@@ -164,24 +162,11 @@ def _blas_info() -> dict:
 
 
 def environment() -> dict:
-    dirty = git("status", "--porcelain", "--", "tuckerman", "backends")
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "core_uncommitted_changes": None if dirty is None else bool(dirty),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-        "tuckerman": tm.__version__,
-        "env": {
-            k: v
-            for k, v in sorted(os.environ.items())
-            if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "XLA_FLAGS", "MALLOC_"))
-        },
-        "blas": _blas_info(),
-    }
+    return _common.environment(
+        ("OPENBLAS_", "OMP_", "MKL_", "XLA_FLAGS", "MALLOC_"),
+        numpy=np.__version__,
+        blas=_blas_info(),
+    )
 
 
 # --------------------------------------------------------------------------- per backend

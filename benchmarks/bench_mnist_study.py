@@ -49,11 +49,9 @@ repository root (about 13 minutes on a busy 2-core machine; twice that with ``--
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -61,14 +59,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _common  # noqa: E402
 import torch
 import torch.nn.functional as F
-from _common import CpuMonitor, cpu_model, git  # noqa: E402
+from _common import CpuMonitor  # noqa: E402
 from torch import nn
 from tuckerman.integrations.torch import TDLRT, compression_report, tuckerize
 from tuckerman.integrations.torch._models import build_model
 
-import tuckerman as tm
 from tuckerman.datasets import load_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,25 +85,12 @@ METHODS = ("dense", "tdlrt", "tdlrt-1pass", "tucker-sgd", "matrix-sgd", "tdlrt-f
 # --------------------------------------------------------------------------- environment
 def environment() -> dict:
     """Versions, CPU, threads, git state: shared by the torch training benchmarks."""
-    dirty = git("status", "--porcelain", "--", "tuckerman", "backends", "integrations")
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": None if dirty is None else bool(dirty),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "tuckerman": tm.__version__,
-        "niceness": os.nice(0) if hasattr(os, "nice") else None,
-        "env": {
-            k: v
-            for k, v in sorted(os.environ.items())
-            if k.startswith(("OMP_", "MKL_", "OPENBLAS_", "KMP_", "DNNL_", "ONEDNN_"))
-        },
-    }
+    return _common.environment(
+        ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "DNNL_", "ONEDNN_"),
+        torch=torch.__version__,
+        torch_num_threads=torch.get_num_threads(),
+        niceness=os.nice(0) if hasattr(os, "nice") else None,
+    )
 
 
 # --------------------------------------------------------------------------- matrix baseline

@@ -48,20 +48,18 @@ Run from the repository root (about 2-3 minutes on two idle cores)::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _common  # noqa: E402
 import numpy as np
-from _common import BUSY_SHARE, CpuMonitor, git, wait_until_idle  # noqa: E402
+from _common import BUSY_SHARE, CpuMonitor, wait_until_idle  # noqa: E402
 
 import tuckerman as tm
 from tuckerman.solvers import Problem, TuckerDomain, rank_adaptive, rcg, rgd, trust_region
@@ -243,31 +241,12 @@ def solver_sample(run: Callable[[], object], info: dict) -> Callable[[], float]:
 
 
 def environment() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     try:
         deps = np.show_config(mode="dicts")["Build Dependencies"]
         blas = {k: deps[k].get("name") for k in ("blas", "lapack") if k in deps}
     except Exception as err:  # older NumPy
         blas = f"unavailable ({type(err).__name__})"
-    dirty = git("status", "--porcelain", "--", "tuckerman", "backends")
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "core_uncommitted_changes": None if dirty is None else bool(dirty),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-        "tuckerman": tm.__version__,
-        "blas": blas,
-        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("OPENBLAS_", "OMP_"))},
-    }
+    return _common.environment(("OPENBLAS_", "OMP_"), numpy=np.__version__, blas=blas)
 
 
 # --------------------------------------------------------------------------- report

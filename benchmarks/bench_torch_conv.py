@@ -33,12 +33,9 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -46,12 +43,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _common  # noqa: E402
 import torch
-from _common import BUSY_SHARE, CpuMonitor, cpu_model, git, wait_until_idle  # noqa: E402
+from _common import BUSY_SHARE, CpuMonitor, wait_until_idle  # noqa: E402
 from torch import nn
 from tuckerman.integrations.torch import TuckerConv2d
-
-import tuckerman as tm
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "torch_conv.json"
@@ -67,25 +63,12 @@ SEED = 0
 
 
 def environment() -> dict:
-    dirty = git("status", "--porcelain", "--", "tuckerman", "backends", "integrations")
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git("rev-parse", "HEAD"),
-        "uncommitted_changes": None if dirty is None else bool(dirty),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "mkldnn_enabled": torch.backends.mkldnn.is_available(),
-        "tuckerman": tm.__version__,
-        "env": {
-            k: v
-            for k, v in sorted(os.environ.items())
-            if k.startswith(("OMP_", "MKL_", "OPENBLAS_", "KMP_", "DNNL_", "ONEDNN_"))
-        },
-    }
+    return _common.environment(
+        ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "DNNL_", "ONEDNN_"),
+        torch=torch.__version__,
+        torch_num_threads=torch.get_num_threads(),
+        mkldnn_enabled=torch.backends.mkldnn.is_available(),
+    )
 
 
 # --------------------------------------------------------------------------- the layers
