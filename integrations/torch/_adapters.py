@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tuckerman.integrations.torch._convert import _convertible, _replace_modules
 from tuckerman.integrations.torch._layers import (
     AbstractTuckerLayer,
     TuckerConv2d,
@@ -55,11 +56,6 @@ def _check_scale(scale: Any, owner: str) -> float:
             f"and its gradient), got {scale!r}"
         )
     return value
-
-
-def _supported(module: nn.Module) -> bool:
-    # exact types, as tuckerize: a subclass may read `.weight` directly or override forward
-    return type(module) in (nn.Linear, nn.Conv2d)
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -129,7 +125,7 @@ class TuckerAdapter(nn.Module):
         owner = f"TuckerAdapter{where}"
         if isinstance(base, TuckerAdapter):
             raise ValueError(f"{owner}: the layer already has a Tucker adapter ({base})")
-        if not _supported(base):
+        if not _convertible(base):
             raise TypeError(
                 f"{owner}: can adapt nn.Linear and nn.Conv2d layers (exact types), got "
                 f"{type(base).__name__} ({base})"
@@ -255,19 +251,6 @@ def _targets(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _replace_modules(model: nn.Module, new: Mapping[int, nn.Module]) -> nn.Module:
-    """Put ``new[id(child)]`` wherever ``child`` is registered; returns the (new) root."""
-    if id(model) in new:
-        return new[id(model)]
-    # list first: the new modules contain the old ones, which must not be replaced inside them
-    for parent in list(model.modules()):
-        # _modules, not named_children(): the latter skips a child registered twice
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in new:
-                setattr(parent, child_name, new[id(child)])
-    return model
-
-
 def add_tucker_adapters(
     model: nn.Module,
     target_modules: str | Sequence[str],
@@ -351,7 +334,7 @@ def add_tucker_adapters(
             for sub, _ in m.named_modules():
                 if sub:
                     inside[f"{name}.{sub}" if name else sub] = name
-    adaptable = [n for n, m in named if _supported(m) and n not in inside]
+    adaptable = [n for n, m in named if _convertible(m) and n not in inside]
 
     chosen: dict[int, tuple[str, nn.Module]] = {}
     for pattern in patterns:
@@ -373,7 +356,7 @@ def add_tucker_adapters(
             )
         kept = []
         for n, m in hits:
-            if isinstance(m, nn.Conv2d) and _supported(m) and m.groups != 1:
+            if isinstance(m, nn.Conv2d) and _convertible(m) and m.groups != 1:
                 if exact:
                     raise ValueError(
                         _groups_message(
@@ -384,7 +367,7 @@ def add_tucker_adapters(
                         )
                     )
                 continue
-            if not _supported(m):
+            if not _convertible(m):
                 if exact:
                     raise TypeError(
                         f"add_tucker_adapters: target {n!r} is a {type(m).__name__}; adapters "

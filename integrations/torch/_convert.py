@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -135,9 +135,15 @@ def tuckerize(
             continue
         new[id(module)] = _convert(name, module, ranks, tau, init, adaptive_modes)
 
+    return _replace_modules(model, new)
+
+
+def _replace_modules(model: nn.Module, new: Mapping[int, nn.Module]) -> nn.Module:
+    """Put ``new[id(child)]`` wherever ``child`` is registered; returns the (new) root."""
     if id(model) in new:
         return new[id(model)]
-    for parent in model.modules():
+    # list first: new modules may contain the old ones (adapters), which must stay inside them
+    for parent in list(model.modules()):
         # _modules, not named_children(): the latter skips a child registered twice
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in new:
