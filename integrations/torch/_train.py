@@ -136,6 +136,15 @@ class TrainConfig:
         Seconds a replica waits for the others in a collective before failing (data-parallel
         runs only). Rank 0 evaluates the test set while the others wait in their next step, so
         it must exceed the evaluation time.
+
+    Examples
+    --------
+    >>> from tuckerman.integrations.torch import TrainConfig
+    >>> TrainConfig(epochs=1, tau=0.2).validate()  # fine: returns None
+    >>> TrainConfig(batch_size=0).validate()
+    Traceback (most recent call last):
+    ...
+    tuckerman.integrations.torch._train.ConfigError: batch_size must be an integer > 0, got 0
     """
 
     model: str = "lenet5"
