@@ -7,6 +7,7 @@ A thin argparse layer over :func:`tuckerman.integrations.torch._train.train`. Al
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -266,33 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        model=args.model,
-        data=args.data,
-        method=args.method,
-        tau=args.tau,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        inner=args.inner,
-        schedule=args.schedule,
-        ranks=args.ranks,
-        init=args.init,
-        one_pass=args.one_pass,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        subset=args.subset,
-        max_steps=args.max_steps,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        out=args.out,
-        data_root=args.data_root,
-        progress=not args.no_progress,
-        dtype=args.dtype,
-        nproc=args.nproc,
-        dist_timeout=args.dist_timeout,
-    )
+    """Every option is named as its ``TrainConfig`` field, except ``--no-progress``."""
+    fields = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name != "progress"
+    }
+    return TrainConfig(**fields, progress=not args.no_progress)
 
 
 def _summary(report: dict, out: str) -> str:
