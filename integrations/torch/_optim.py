@@ -508,9 +508,10 @@ class TDLRT(torch.optim.Optimizer):
     def _count(self, m: AbstractTuckerLayer) -> torch.Tensor:
         """Steps taken on the core (Adam's bias correction), a 0-d tensor as in torch's Adam."""
         c = self.state.get(m.core, {}).get("step")
+        dtype = _work_dtype(m.core.dtype)  # float64 counts keep Adam's bias correction exact
         if c is None:
-            return torch.zeros((), dtype=torch.float32, device=m.core.device)
-        return torch.as_tensor(c, dtype=torch.float32)
+            return torch.zeros((), dtype=dtype, device=m.core.device)
+        return torch.as_tensor(c, dtype=dtype, device=m.core.device)
 
     def _second_pass(
         self,

@@ -40,6 +40,7 @@ __all__ = [
     "Layout",
     "Config",
     "make_layout",
+    "check_rank_bound",
     "state_size",
     "init_state",
     "augment",
@@ -107,6 +108,23 @@ def _per_mode(value: Any, d: int, what: str, default: int | None) -> tuple:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{what}[{k}] must be a positive integer or None, got {v!r}")
     return tuple(default if v is None else int(v) for v in value)
+
+
+def check_rank_bound(value: Any, what: str) -> Any:
+    """Validate a rank bound without a shape: None, a positive int, or one entry per mode
+    (positive ints or None). Returns it as None, an int or a tuple."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value}")
+        return int(value)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} must be None, a positive int or one per mode, got {value!r}")
+    for k, v in enumerate(value):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise ValueError(f"{what}[{k}] must be a positive integer or None, got {v!r}")
+    return tuple(None if v is None else int(v) for v in value)
 
 
 def make_layout(
@@ -549,12 +567,25 @@ def inner_update(
     m = b1 * state[0] + (1 - b1) * g
     v = b2 * state[1] + (1 - b2) * g * g
     xp = namespace_of(core)
-    step_size = lr / (1 - b1**count)
-    denom = xp.sqrt(v / (1 - b2**count)) + config.eps
+    step_size = lr / _one_minus_power(xp, b1, count, core)
+    denom = xp.sqrt(v / _one_minus_power(xp, b2, count, core)) + config.eps
     new = core - step_size * (m / denom)
     if wd and config.inner == "adamw":
         new = new - lr * wd * core
     return new, (m, v)
+
+
+def _one_minus_power(xp: Any, beta: float, count: Any, like: Any) -> Any:
+    """``1 - beta**count`` (Adam's bias correction) without cancellation.
+
+    For ``beta`` near 1, ``1 - beta**count`` in float32 loses most digits (``1 - 0.999`` is off
+    by 1e-5); ``-expm1(count log(beta))`` keeps them. A Python count is computed in float64.
+    """
+    if isinstance(count, numbers.Real):
+        return 1.0 - beta**count
+    if beta == 0.0:
+        return xp.ones_like(xp.astype(count, like.dtype))
+    return -xp.expm1(xp.astype(count, like.dtype) * math.log(beta))
 
 
 # --------------------------------------------------------------------------- 4: truncation
