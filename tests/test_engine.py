@@ -221,7 +221,7 @@ def test_one_pass_gradient_equals_projected_riemannian_gradient(backend, dtype, 
     dC = tm.multi_mode_product(G, p.factors, transpose=True)
     dU = _factor_grads(G, p.core, p.factors)
     (a,), (maps,) = engine.augment([lay], [p], [dU])
-    g = engine.tangent_core_gradient(lay, p, a, maps, dC, dU)
+    (g,) = engine.tangent_core_gradients([lay], [p], [a], [maps], [dC], [dU])
     xi = M.tangent_to_dense(x, M.egrad_to_rgrad(x, G))
     ref = tm.multi_mode_product(xi, a.factors, transpose=True)
     assert rel(g, ref) <= 1e2 * rtol

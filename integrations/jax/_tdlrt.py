@@ -21,10 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tuckerman.backends as backends
 
 import tuckerman as tm
 from tuckerman import engine
 from tuckerman.engine import PaddedTucker
+
+backends.get("jax")  # imported once, not while tracing
 
 __all__ = ["TDLRT", "TDLRTState"]
 
@@ -358,12 +361,9 @@ class TDLRT:
             aug, maps = engine.augment(layouts, points, factor_grads)
             moved = [engine.transport_state(cfg, st, m) for st, m in zip(state.core_state, maps)]
             if self.one_pass:
-                grads2 = [
-                    engine.tangent_core_gradient(lay, p, a, m, gc, gu)
-                    for lay, p, a, m, gc, gu in zip(
-                        layouts, points, aug, maps, core_grads, factor_grads
-                    )
-                ]
+                grads2 = engine.tangent_core_gradients(
+                    layouts, points, aug, maps, core_grads, factor_grads
+                )
             else:
                 aug_leaves = list(leaves)
                 for a, i in zip(aug, tucker):

@@ -16,11 +16,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import tuckerman.backends as backends
 from torch import nn
 
 import tuckerman as tm
 from tuckerman._validate import feasible_ranks, feasible_ranks_error, full_ranks
 from tuckerman.engine import PaddedTucker
+
+backends.get("torch")  # imported now, so that torch.compile traces the core without an import
 
 __all__ = ["AbstractTuckerLayer", "TuckerLinear", "TuckerConv2d"]
 
@@ -214,7 +217,7 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
             "rank_vector", torch.tensor(ranks, dtype=torch.int64, device=device), persistent=False
         )
         self._host_ranks: tuple[int, ...] | None = tuple(int(r) for r in ranks)
-        self._override: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._override: tuple[torch.Tensor, list[torch.Tensor], Any] | None = None
         self._register_state_dict_hook(_trim_saved_weight)
         self.reset_parameters()
 
@@ -272,14 +275,17 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
     # ------------------------------------------------------------------ the weights in use
     def _weights(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Core and factors for the forward pass: the live block in eager mode when the ranks
-        are known on the host, the whole capacity otherwise (exact either way)."""
+        are known on the host, the whole capacity otherwise (exact either way). An optimizer's
+        second gradient evaluation sets ``_override`` to an augmented weight."""
         if self._override is not None:
-            return self._override
-        core, factors = self.core, list(self.factors)
-        r = self._host_ranks
-        if r is None or r == self.capacity or _compiling():
+            core, factors, live = self._override
+        else:
+            core, factors, live = self.core, list(self.factors), self._host_ranks
+        if _compiling():  # static shapes: no guard on the (changing) host ranks
             return core, factors
-        return core[tuple(slice(0, k) for k in r)], [u[:, :k] for u, k in zip(factors, r)]
+        if live is None or tuple(live) == tuple(core.shape):
+            return core, factors
+        return core[tuple(slice(0, k) for k in live)], [u[:, :k] for u, k in zip(factors, live)]
 
     # ------------------------------------------------------------------ Tucker view
     def tucker(self) -> tm.TuckerTensor:

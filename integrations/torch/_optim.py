@@ -441,12 +441,9 @@ class TDLRT(torch.optim.Optimizer):
             aug, maps = engine.augment(layouts, points, factor_grads)
             moved = [engine.transport_state(config, st, m) for st, m in zip(states, maps)]
             if self.one_pass or not layers:
-                grads2 = [
-                    engine.tangent_core_gradient(lay, p, a, m, gc, gu)
-                    for lay, p, a, m, gc, gu in zip(
-                        layouts, points, aug, maps, core_grads, factor_grads
-                    )
-                ]
+                grads2 = engine.tangent_core_gradients(
+                    layouts, points, aug, maps, core_grads, factor_grads
+                )
             else:
                 grads2 = self._second_pass(closure, layers, layouts, aug)  # type: ignore[arg-type]
                 if grads2:
@@ -522,9 +519,8 @@ class TDLRT(torch.optim.Optimizer):
     ) -> list[torch.Tensor]:
         """The core gradients at the augmented points: the closure again, with each layer
         evaluating its augmented weight and only those cores requiring gradients."""
-        leaves = []
-        with torch.enable_grad():  # the live-block views must record their autograd edges
-            self._set_overrides(layers, layouts, aug, leaves)
+        leaves: list[torch.Tensor] = []
+        self._set_overrides(layers, layouts, aug, leaves)
         others = [p for g in self.param_groups[1:] for p in g["params"]]
         saved = [(p, p.grad, p.requires_grad) for p in others]
         try:
@@ -548,23 +544,20 @@ class TDLRT(torch.optim.Optimizer):
 
     @staticmethod
     def _set_overrides(layers, layouts, aug, leaves: list) -> None:
-        """Point each layer's forward pass at its augmented weight (a fresh leaf core)."""
+        """Point each layer's forward pass at its augmented weight (a fresh leaf core), with the
+        live sizes ``min(2r, n)`` when the ranks are known on the host."""
         for m, lay, a in zip(layers, layouts, aug):
             core = a.core.to(m.core.dtype).requires_grad_(True)
             factors = [f.to(m.core.dtype) for f in a.factors]
             leaves.append(core)
             r = m._host_ranks
-            if r is not None:  # eager, ranks known: evaluate the live block only
-                live = [
+            live = None
+            if r is not None:
+                live = tuple(
                     c if s else min(2 * k, n)
                     for k, c, s, n in zip(r, lay.capacity, lay.skip, lay.shape)
-                ]
-                m._override = (
-                    core[tuple(slice(0, k) for k in live)],
-                    [f[:, :k] for f, k in zip(factors, live)],
                 )
-            else:
-                m._override = (core, factors)
+            m._override = (core, factors, live)
 
     @contextlib.contextmanager
     def _no_sync(self) -> Iterator[None]:

@@ -7,7 +7,7 @@ written for many Tucker weights at once on :class:`~tuckerman.engine.PaddedTucke
    distinct matrix shape over all weights) and the exact representation ``C ×_k Û_kᵀU_k`` of
    each weight in the augmented bases, at the *workspace* capacity ``min(2 B_k, n_k)``;
 2. the driver evaluates the core gradient there (a second backward pass), or
-   :func:`tangent_core_gradient` builds it from the first pass (the one-pass variant);
+   :func:`tangent_core_gradients` builds it from the first pass (the one-pass variant);
 3. :func:`inner_update` — SGD (momentum, Nesterov), Adam or AdamW on the augmented core, its
    state carried by :func:`transport`;
 4. :func:`truncate` — per-mode SVDs (batched over equal shapes; one SVD for both modes of a
@@ -30,8 +30,8 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import tuckerman.backends as backends
 from tuckerman._compat import device_of, namespace_of
-from tuckerman._manifold import _times_r_inv, _times_r_inv_t
 from tuckerman._tucker import _mp, _others, _svd, _unfold
 from tuckerman._validate import check_tol, feasible_ranks_error, full_ranks
 from tuckerman.engine._padded import PaddedTucker, rank_mask
@@ -44,7 +44,7 @@ __all__ = [
     "state_size",
     "init_state",
     "augment",
-    "tangent_core_gradient",
+    "tangent_core_gradients",
     "inner_update",
     "svd_all",
     "truncate",
@@ -470,22 +470,23 @@ def augment(
 
 
 # --------------------------------------------------------------------------- 2': one-pass gradient
-def tangent_core_gradient(
-    layout: Layout,
-    point: PaddedTucker,
-    augmented: PaddedTucker,
-    maps: tuple,
-    core_grad: Any,
-    factor_grads: Sequence[Any],
-) -> Any:
-    """The core gradient in the augmented bases from one backward pass (one-pass variant).
+def tangent_core_gradients(
+    layouts: Sequence[Layout],
+    points: Sequence[PaddedTucker],
+    augmented: Sequence[PaddedTucker],
+    maps: Sequence[tuple],
+    core_grads: Sequence[Any],
+    factor_grads: Sequence[Sequence[Any]],
+) -> list[Any]:
+    """The core gradients in the augmented bases from one backward pass (one-pass variant).
 
     The gradient in the augmented bases is replaced by that of the Riemannian gradient
     ``ξ = Ċ ×_k U_k + Σ_k C ×_k U̇_k ×_{j≠k} U_j`` at the current point
     (``Ċ = ∂L/∂C``, ``U̇_k = (I - U_kU_kᵀ)(∂L/∂U_k)(C_(k)C_(k)ᵀ)⁻¹``):
     ``ξ ×_k Û_kᵀ = Ċ ×_k M_k + Σ_k C ×_k (Û_kᵀU̇_k) ×_{j≠k} M_j`` with ``M_k = Û_kᵀU_k``. The
     Gram inverse goes through the QR factor of ``C_(k)ᵀ`` (padded with the identity on the
-    unused rows, which leaves the live block of ``R`` unchanged).
+    unused rows, which leaves the live block of ``R`` unchanged), one batched QR per distinct
+    shape over all weights and modes, and two triangular solves.
 
     Examples
     --------
@@ -500,33 +501,48 @@ def tangent_core_gradient(
     ...       [j for j in range(3) if j != k], transpose=True), k) @ tm.unfold(x.core, k).T
     ...       for k in range(3)]
     >>> (a,), (maps,) = engine.augment([lay], [p], [dU])
-    >>> g = engine.tangent_core_gradient(lay, p, a, maps, dC, dU)
+    >>> (g,) = engine.tangent_core_gradients([lay], [p], [a], [maps], [dC], [dU])
     >>> M = tm.FixedRankTucker(x.shape, x.ranks)
     >>> xi = M.tangent_to_dense(x, M.egrad_to_rgrad(x, G))
     >>> ref = tm.multi_mode_product(xi, a.factors, transpose=True)
     >>> bool(np.allclose(g, ref))
     True
     """
-    xp = namespace_of(point.core)
-    d = layout.ndim
-    core = point.core
-    dev, dt = device_of(core), core.dtype
-    out = _apply_maps(xp, core_grad, maps)
-    for k in range(d):
-        if layout.skip[k]:
-            continue  # U_k spans everything: its tangent part (I - UUᵀ)... vanishes
-        u = point.factors[k]
-        b = factor_grads[k] * rank_mask(xp, point.ranks[k], layout.capacity[k], dt, dev)[None, :]
-        b = b - u @ (u.mT @ b)
-        unused = 1 - rank_mask(xp, point.ranks[k], layout.capacity[k], dt, dev)
-        padded = xp.concat([_unfold(xp, core, k).mT, _diag(xp, unused)], axis=0)
-        _, r = xp.linalg.qr(padded)
-        du = _times_r_inv_t(xp, _times_r_inv(xp, b, r), r)
-        t = _mp(xp, core, augmented.factors[k].mT @ du, k)
-        for j in _others(d, k):
-            if maps[j] is not None:
-                t = _mp(xp, t, maps[j], j)
-        out = out + t
+    if not points:
+        return []
+    xp = namespace_of(points[0].core)
+    jobs, padded = [], []
+    for i, (lay, p) in enumerate(zip(layouts, points)):
+        dev, dt = device_of(p.core), p.core.dtype
+        for k in range(lay.ndim):
+            if lay.skip[k]:
+                continue  # U_k spans everything: its tangent part (I - U_kU_kᵀ)(...) vanishes
+            unused = 1 - rank_mask(xp, p.ranks[k], lay.capacity[k], dt, dev)
+            jobs.append((i, k))
+            padded.append(xp.concat([_unfold(xp, p.core, k).mT, _diag(xp, unused)], axis=0))
+    rs = {job: r for job, (_, r) in zip(jobs, _grouped(xp, padded, xp.linalg.qr))}
+    out = []
+    for i, (lay, p, a, m, gc, gu) in enumerate(
+        zip(layouts, points, augmented, maps, core_grads, factor_grads)
+    ):
+        dev, dt = device_of(p.core), p.core.dtype
+        g = _apply_maps(xp, gc, m)
+        for k in range(lay.ndim):
+            if lay.skip[k]:
+                continue
+            u = p.factors[k]
+            b = gu[k] * rank_mask(xp, p.ranks[k], lay.capacity[k], dt, dev)[None, :]
+            b = b - u @ (u.mT @ b)
+            r = rs[(i, k)]
+            # b (C_(k)C_(k)ᵀ)⁻¹ = b R⁻¹ R⁻ᵀ: two triangular solves (no inverse, no host check)
+            y = backends.solve_triangular(r.mT, b.mT, upper=False).mT  # y R = b
+            du = backends.solve_triangular(r, y.mT, upper=True).mT  # du Rᵀ = y
+            t = _mp(xp, p.core, a.factors[k].mT @ du, k)
+            for j in _others(lay.ndim, k):
+                if m[j] is not None:
+                    t = _mp(xp, t, m[j], j)
+            g = g + t
+        out.append(g)
     return out
 
 
