@@ -197,7 +197,14 @@ def test_tdlrt_step_equals_core_tdlrt_step():
 # formula (moments, their transport, bias correction) is still compared to 1e-10.
 @pytest.mark.parametrize(
     "kwargs, dense",
-    [(dict(momentum=0.9), "sgd"), (dict(inner="adam", weight_decay=1e-2, eps=1e-3), "adam")],
+    [
+        (dict(momentum=0.9), "sgd"),
+        (dict(inner="adam", weight_decay=1e-2, eps=1e-3), "adam"),
+        (dict(inner="adamw", weight_decay=1e-1, eps=1e-3), "adam"),
+        (dict(momentum=0.9, one_pass=True), "sgd"),
+        (dict(momentum=0.9, augment_every=2), "sgd"),
+    ],
+    ids=["momentum", "adam", "adamw", "one_pass", "augment_every"],
 )
 def test_tdlrt_with_optimizer_state_equals_torch_tdlrt(kwargs, dense):
     torch = pytest.importorskip("torch")
