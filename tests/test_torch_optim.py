@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import tuckerman.backends  # noqa: E402, F401
+import tuckerman.integrations  # noqa: E402, F401
 from torch import nn  # noqa: E402
 from tuckerman.integrations.torch import TuckerConv2d, TuckerLinear  # noqa: E402
 from tuckerman.integrations.torch._optim import TDLRT  # noqa: E402
 
 import tuckerman as tm  # noqa: E402
-import tuckerman.backends  # noqa: E402, F401
-import tuckerman.integrations  # noqa: E402, F401
 
 DT = torch.float64
 
@@ -100,21 +100,84 @@ def _data(seed=1):
     return torch.randn(8, 2, 5, 5, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT)
 
 
+@pytest.mark.parametrize("second_pass", ["replay", "closure"])
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
-def test_two_evaluations_ranks_change_and_loss_falls(inner):
+def test_two_evaluations_ranks_change_and_loss_falls(inner, second_pass):
     model = _cnn()
     x, y = _data()
-    opt = TDLRT(model, lr=0.05, tau=0.4, inner=inner, momentum=0.9 if inner == "sgd" else 0.0)
+    momentum = 0.9 if inner == "sgd" else 0.0
+    opt = TDLRT(model, lr=0.05, tau=0.4, inner=inner, momentum=momentum, second_pass=second_pass)
     calls = []
     first = None
     for _ in range(15):
         before = len(calls)
         loss = opt.step(_closure(opt, model, x, y, calls))
-        assert len(calls) - before == 2
+        assert len(calls) - before == (2 if second_pass == "closure" else 1)
         first = loss if first is None else first
     assert loss.item() < first.item()
     assert len(opt.rank_history) == 15
     assert any(h != {"0": (4, 2, 3, 3), "3": (3, 3)} for h in opt.rank_history)  # ranks moved
+
+
+def _bn_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        TuckerConv2d(2, 6, 3, padding=1, ranks=(4, 2), dtype=DT),
+        nn.BatchNorm2d(6, dtype=DT),
+        nn.ReLU(),
+        TuckerConv2d(6, 5, 3, stride=2, padding="same" if False else 1, ranks=(3, 4), dtype=DT,
+                     padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Flatten(),
+        TuckerLinear(5 * 3 * 3, 3, ranks=(3, 3), dtype=DT),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_replayed_second_gradient_equals_the_second_closure_call(inner):
+    """The augmented weights equal the current ones, so the network's activations and output
+    gradients in the second evaluation are those of the first: replaying them gives the same
+    gradient (batch norm in training mode, strided and reflect-padded convolutions, a model
+    used twice per forward pass)."""
+    x, y = _data()
+    kw = dict(lr=0.05, tau=0.3, inner=inner, momentum=0.9 if inner == "sgd" else 0.0)
+    if inner == "adam":  # eps 1e-8 turns rounding noise in the moments into 1e-10 steps
+        kw["eps"] = 1e-3
+    runs = []
+    for second_pass in ("replay", "closure"):
+        model = _bn_net()
+        opt = TDLRT(model, second_pass=second_pass, **kw)
+        for _ in range(6):
+
+            def closure(model=model, opt=opt):
+                opt.zero_grad()
+                out = model(x) + 0.5 * model(x.flip(0))  # every layer used twice
+                loss = nn.functional.mse_loss(out, y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        runs.append((model, opt))
+    (a, oa), (b, ob) = runs
+    assert oa.rank_history == ob.rank_history
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-10, rtol=0), name
+
+
+def test_replay_after_the_users_own_backward_and_its_errors():
+    model = _cnn()
+    x, y = _data()
+    opt = TDLRT(model, lr=0.05, tau=0.3)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()  # no closure: the recorded pass is replayed
+    assert all(not m._records for m in model if hasattr(m, "_records"))  # consumed
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.zero_grad()  # drops the gradients and the records
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(TypeError, match="needs a closure: the Tucker layers recorded no"):
+        opt.step()
 
 
 def test_one_pass_variant_uses_one_evaluation():
@@ -159,7 +222,8 @@ def _state_values(opt):
 def test_non_finite_steps_change_nothing(where):
     model = _cnn()
     x, y = _data()
-    opt = TDLRT(model, lr=0.05, tau=0.2, momentum=0.9)
+    # a NaN in the second evaluation needs one: the closure called again
+    opt = TDLRT(model, lr=0.05, tau=0.2, momentum=0.9, second_pass="closure")
     for _ in range(2):
         opt.step(_closure(opt, model, x, y))
     params = [p.detach().clone() for p in model.parameters()]
@@ -186,7 +250,7 @@ def test_non_finite_steps_change_nothing(where):
     for k in state:
         for n, v in state[k].items():
             assert torch.equal(after[k][n], v) if torch.is_tensor(v) else after[k][n] == v
-    skip = TDLRT(model, lr=0.05, tau=0.2, on_nonfinite="skip")
+    skip = TDLRT(model, lr=0.05, tau=0.2, on_nonfinite="skip", second_pass="closure")
     calls.clear()
     skip.step(bad)
     for a, b in zip(model.parameters(), params):
@@ -199,7 +263,7 @@ def test_an_exception_inside_the_step_changes_nothing(failure, monkeypatch):
     parameters (same objects, same values) and the optimizer state as before the step."""
     model = _cnn()
     x, y = _data()
-    opt = TDLRT(model, lr=0.05, tau=0.2, momentum=0.9)
+    opt = TDLRT(model, lr=0.05, tau=0.2, momentum=0.9, second_pass="closure")
     for _ in range(2):
         opt.step(_closure(opt, model, x, y))
     params = [p.detach().clone() for p in model.parameters()]
@@ -387,7 +451,7 @@ def test_amortized_augmentation_steps_only_the_cores_in_between(one_pass):
         n = len(calls)
         losses.append(float(opt.step(_closure(opt, model, x, y, calls))))
         full = step % 3 == 0
-        assert len(calls) - n == (1 if (one_pass or not full) else 2)
+        assert len(calls) - n == 1  # replay: the second evaluation needs no closure call
         after = [p.detach() for m in model if hasattr(m, "capacity") for p in m.factors]
         if not full:  # the bases (and ranks) stay
             assert all(torch.equal(a, b) for a, b in zip(after, before))

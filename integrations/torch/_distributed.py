@@ -1,16 +1,16 @@
 """Data-parallel TDLRT: :class:`TuckerDDP`, DistributedDataParallel that follows rank changes.
 
 ``torch.nn.parallel.DistributedDataParallel`` (DDP) registers its gradient hooks and buckets on
-the ``Parameter`` objects it finds at construction. A TDLRT step replaces the parameters of every
-Tucker layer by new ones of other shapes (augmented bases before the second gradient evaluation,
-truncated ranks after the step), so a DDP built once would stop averaging their gradients.
+the ``Parameter`` objects it finds at construction. A TDLRT step updates the Tucker layers'
+parameters in place, but replaces them by new ones of another capacity when a layer's ranks
+leave its capacity, so a DDP built once would then stop averaging their gradients.
 :class:`TuckerDDP` checks, at each forward pass with autograd on, whether the model's parameters
 are still the objects its DDP was built on and builds a new DDP when they are not.
 
-Every shape decision is identical on all replicas by construction: the augmented sizes are a
-function of the current shapes alone, and the truncated ranks are decided on rank 0 of the
-process group and broadcast (see :class:`ReplicaSync`, which :class:`TDLRT` uses when it is
-given a :class:`TuckerDDP`).
+Every shape decision is identical on all replicas by construction: the truncated ranks are
+decided on rank 0 of the process group and broadcast on the device (see :class:`ReplicaSync`,
+which :class:`TDLRT` uses when it is given a :class:`TuckerDDP`), and capacities follow the
+ranks.
 """
 
 from __future__ import annotations
@@ -252,12 +252,13 @@ class TuckerDDP(nn.Module):
     """``DistributedDataParallel`` for models with Tucker layers trained by TDLRT.
 
     Wraps ``module`` in a ``torch.nn.parallel.DistributedDataParallel`` and builds a new one
-    whenever the model's parameters are no longer the objects the current one was built on (a
-    TDLRT step replaces the Tucker layers' parameters twice: augmented before its second
-    gradient evaluation, truncated after it). The check is an identity comparison of the
-    parameter list at each forward pass with autograd enabled (microseconds); a build costs
-    what a DDP construction costs: a shape check and a broadcast of rank 0's parameters and
-    buffers (all replicas then hold rank 0's values bit for bit), and new gradient buckets.
+    whenever the model's parameters are no longer the objects the current one was built on: a
+    TDLRT step updates the Tucker layers' parameters in place and replaces them only when a
+    layer's ranks leave its capacity (or a user calls ``set_capacity``). The check is an
+    identity comparison of the parameter list at each forward pass with autograd enabled
+    (microseconds); a build costs what a DDP construction costs: a shape check and a broadcast
+    of rank 0's parameters and buffers (all replicas then hold rank 0's values bit for bit), and
+    new gradient buckets.
 
     With autograd disabled (``torch.no_grad()`` evaluation) the forward pass calls ``module``
     directly: no collective, no rebuild, so evaluating on one rank only cannot hang.
@@ -319,8 +320,8 @@ class TuckerDDP(nn.Module):
     ...     loss.backward()
     ...     return loss
     >>> loss = opt.step(closure)
-    >>> ddp.rebuilds  # built at construction, rebuilt for the augmented bases
-    2
+    >>> ddp.rebuilds  # built at construction; the step updates the parameters in place
+    1
     >>> dist.destroy_process_group()
     """
 

@@ -218,6 +218,7 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
         )
         self._host_ranks: tuple[int, ...] | None = tuple(int(r) for r in ranks)
         self._override: tuple[torch.Tensor, list[torch.Tensor], Any] | None = None
+        self._records: list[list[Any]] | None = None  # inputs and output gradients (replay)
         self._register_state_dict_hook(_trim_saved_weight)
         self.reset_parameters()
 
@@ -286,6 +287,46 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
         if live is None or tuple(live) == tuple(core.shape):
             return core, factors
         return core[tuple(slice(0, k) for k in live)], [u[:, :k] for u, k in zip(factors, live)]
+
+    # ------------------------------------------------------------------ replayed gradients
+    def _record(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Keep the input and (through a hook) the output gradient of a forward pass with
+        autograd on, while an optimizer asked for them (``_records`` is a list)."""
+        if self._records is None or not torch.is_grad_enabled() or _compiling():
+            return
+        if self.core.grad is None:  # gradients were reset: earlier backward passes are stale
+            self._records[:] = [r for r in self._records if r[1] is None]
+        entry: list[Any] = [x.detach(), None]
+        self._records.append(entry)
+        if y.requires_grad:
+
+            def keep(g: torch.Tensor, entry: list = entry) -> None:
+                entry[1] = g.detach() if entry[1] is None else entry[1] + g.detach()
+
+            y.register_hook(keep)
+
+    def replay_core_gradient(self, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``∂L/∂C̃`` of the recorded passes for the same weight in other bases ``factors``.
+
+        For a weight ``W = C̃ ×_k Û_k`` equal to the current one (an augmented point) the
+        forward pass, and so every layer's input and output gradient, is the same; the
+        gradient of its core is ``G ×_k Û_kᵀ`` with ``G = ∂L/∂W``, which the recorded inputs and
+        output gradients give without forming ``G`` (one batched product per record). This is
+        TDLRT's second gradient evaluation without a second pass through the network.
+        """
+        out = None
+        for x, g in self._records or ():
+            if g is None:
+                continue
+            t = self._replay(x, g, list(factors))
+            out = t if out is None else out + t
+        if out is None:
+            shape = tuple(int(f.shape[1]) for f in factors)
+            out = torch.zeros(shape, dtype=factors[0].dtype, device=factors[0].device)
+        return out
+
+    def _replay(self, x: torch.Tensor, g: torch.Tensor, factors: list[torch.Tensor]) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} cannot replay its core gradient")
 
     # ------------------------------------------------------------------ Tucker view
     def tucker(self) -> tm.TuckerTensor:
@@ -578,7 +619,15 @@ class TuckerLinear(AbstractTuckerLayer):
         core, (u1, u2) = self._weights()
         h = torch.matmul(x, u2)  # (..., r_2)
         h = F.linear(h, core)  # (..., r_1)
-        return F.linear(h, u1, self.bias)  # (..., out), bias once
+        y = F.linear(h, u1, self.bias)  # (..., out), bias once
+        self._record(x, y)
+        return y
+
+    def _replay(self, x: torch.Tensor, g: torch.Tensor, factors: list[torch.Tensor]) -> Any:
+        u1, u2 = factors
+        xs = x.reshape(-1, self.in_features).to(u2.dtype)
+        gs = g.reshape(-1, self.out_features).to(u1.dtype)
+        return (gs @ u1).mT @ (xs @ u2)  # Û_1ᵀ (gᵀ x) Û_2
 
     @classmethod
     def from_dense(
@@ -600,6 +649,8 @@ class TuckerLinear(AbstractTuckerLayer):
             ``‖W - W_tucker‖_F <= tau ‖W‖_F`` (capped by ``ranks``).
         adaptive_modes : sequence of int
 
+        Notes
+        -----
         The bias is copied; dtype and device follow ``module.weight``.
         """
         return cls._from_dense(module, ranks, tau, adaptive_modes, clip=False)
@@ -806,7 +857,23 @@ class TuckerConv2d(AbstractTuckerLayer):
             else:
                 y = torch.baddbmm(self.bias.view(1, -1, 1), u1.expand(n, -1, r1), h)
             y = y.view(n, self.out_channels, ho, wo)
+        self._record(x, y)
         return y.squeeze(0) if unbatched else y
+
+    def _replay(self, x: torch.Tensor, g: torch.Tensor, factors: list[torch.Tensor]) -> Any:
+        u1, u2, u3, u4 = factors
+        x, g = x.to(u2.dtype), g.to(u1.dtype)
+        h = torch.einsum("nchw,cr->nrhw", x, u2)  # input in the (augmented) basis of mode 2
+        gh = torch.einsum("nohw,or->nrhw", g, u1)  # output gradient in that of mode 1
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            h = F.pad(h, self._reversed_padding_repeated_twice, mode=mode)
+            padding: Any = (0, 0)
+        else:
+            padding = self.padding
+        shape = (u1.shape[1], u2.shape[1], *self.kernel_size)
+        k = torch.nn.grad.conv2d_weight(h, shape, gh, self.stride, padding, self.dilation)
+        return torch.einsum("abij,ik,jl->abkl", k, u3, u4)
 
     @classmethod
     def from_dense(
@@ -830,6 +897,8 @@ class TuckerConv2d(AbstractTuckerLayer):
             ``ranks`` (full by default for the kernel modes).
         adaptive_modes : sequence of int
 
+        Notes
+        -----
         The bias is copied; dtype and device follow ``module.weight``.
         """
         return cls._from_dense(module, ranks, tau, adaptive_modes, clip=False)

@@ -149,6 +149,7 @@ class TDLRT(torch.optim.Optimizer):
         absolute: bool = False,
         fixed_rank: bool = False,
         one_pass: bool = False,
+        second_pass: str = "replay",
         augment_every: int = 1,
         capacity: Any = "pow2",
         on_nonfinite: str = "raise",
@@ -177,6 +178,8 @@ class TDLRT(torch.optim.Optimizer):
             raise ValueError(f"augment_every must be a positive int, got {augment_every}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if second_pass not in ("replay", "closure"):
+            raise ValueError(f"second_pass must be 'replay' or 'closure', got {second_pass!r}")
         policy = engine.check_capacity_policy(capacity)
         layers: dict[str, AbstractTuckerLayer] = {}
         for name, m in model.named_modules():
@@ -198,6 +201,7 @@ class TDLRT(torch.optim.Optimizer):
         self.absolute, self.fixed_rank, self.one_pass = bool(absolute), fixed_rank, one_pass
         self.augment_every = int(augment_every)
         self.on_nonfinite = on_nonfinite
+        self.second_pass = second_pass
         self._layers = layers
         # validate the bounds on every layer's real shape before anything is changed
         self._layouts = {name: self._layout(m) for name, m in layers.items()}
@@ -205,6 +209,8 @@ class TDLRT(torch.optim.Optimizer):
             target = self._layouts[name].capacity
             if target != m.capacity:
                 m.set_capacity(target)
+            if second_pass == "replay" and not one_pass:
+                m._records = []  # the layer keeps its inputs and output gradients until step
         self._replicas = replicas
         self._wrapper = wrapper if replicas is not None else None
         tucker_ids = {id(p) for m in layers.values() for p in (m.core, *m.factors)}
@@ -388,25 +394,61 @@ class TDLRT(torch.optim.Optimizer):
         self.rank_history = history
         self._steps = len(history)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; also drops what the Tucker layers recorded for a replay."""
+        for m in self._layers.values():
+            if m._records is not None:
+                m._records.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _recorded(self, layers: list[AbstractTuckerLayer], required: bool) -> bool:
+        """Whether every layer that got gradients recorded a complete forward/backward pass
+        (not under torch.compile, which records nothing); with ``required``, at least one."""
+        seen = False
+        for m in layers:
+            has_grad = any(p.grad is not None for p in (m.core, *m.factors))
+            done = any(g is not None for _, g in (m._records or ()))
+            if has_grad and not done:
+                return False
+            seen |= done
+        return seen or not required
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One TDLRT step.
 
         ``closure`` zeroes the gradients, recomputes the loss, calls ``backward`` and returns
-        the loss. It is called twice (at the current point and in the augmented bases); with
-        ``one_pass=True`` (or on the core-only steps of ``augment_every``) at most once, and
-        not at all when it is None (gradients from the user's own ``loss.backward()``). Returns
-        the loss of the first evaluation.
+        the loss. It is called once: the gradient in the augmented bases is then replayed from
+        the Tucker layers' recorded inputs and output gradients (``second_pass="replay"``;
+        exact, since the augmented weights equal the current ones), or the closure is called a
+        second time with the layers evaluating their augmented weights
+        (``second_pass="closure"``, or when the forward pass ran under ``torch.compile``). It
+        may be None (gradients from the user's own ``loss.backward()``) with ``one_pass=True``,
+        on the core-only steps of ``augment_every`` and, after a recorded backward pass, with
+        ``second_pass="replay"``. Returns the loss of the (first) evaluation.
         """
+        try:
+            return self._step(closure)
+        finally:
+            for m in self._layers.values():
+                if m._records is not None:
+                    m._records.clear()
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         full = self._steps % self.augment_every == 0
-        if closure is None and full and not self.one_pass:
+        needs_closure = full and not self.one_pass and self.second_pass == "closure"
+        if closure is None and needs_closure:
             raise TypeError(
-                "TDLRT.step needs a closure (two gradient evaluations per step: at the current "
-                "point and in the augmented bases); pass one, or use one_pass=True"
+                "TDLRT.step needs a closure with second_pass='closure' (two gradient "
+                "evaluations per step: at the current point and in the augmented bases); pass "
+                "one, or use second_pass='replay' or one_pass=True"
             )
         loss = None
         if closure is not None:
+            for m in self._layers.values():
+                if m._records is not None:
+                    m._records.clear()
             with torch.enable_grad():
                 loss = closure()
         names = list(self._layers)
@@ -445,7 +487,21 @@ class TDLRT(torch.optim.Optimizer):
                     layouts, points, aug, maps, core_grads, factor_grads
                 )
             else:
-                grads2 = self._second_pass(closure, layers, layouts, aug)  # type: ignore[arg-type]
+                if self.second_pass == "replay" and self._recorded(layers, closure is None):
+                    grads2 = [
+                        m.replay_core_gradient(a.factors).to(a.core.dtype)
+                        for m, a in zip(layers, aug)
+                    ]
+                    if self._replicas is not None:  # linear in the gradient: average it
+                        grads2 = self._replicas.average(grads2)
+                elif closure is None:
+                    raise TypeError(
+                        "TDLRT.step needs a closure: the Tucker layers recorded no "
+                        "forward/backward pass to replay (a forward pass under torch.compile, or "
+                        "no backward since zero_grad)"
+                    )
+                else:
+                    grads2 = self._second_pass(closure, layers, layouts, aug)
                 if grads2:
                     finite2 = engine.all_finite(grads2)
                     grads2 = [_finite_or_zero(g, finite2) for g in grads2]
