@@ -53,9 +53,9 @@ from mkdocs.structure.pages import Page
 log = logging.getLogger("mkdocs.hooks.tuckerman")
 
 MATHJAX_DEST = "javascripts/vendor/mathjax"
-MATHJAX_ENTRY = f"{MATHJAX_DEST}/tex-mml-chtml.js"
-# what tex-mml-chtml.js loads on demand (TeX extensions, fonts, menu, accessibility)
-MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output/chtml", "ui", "a11y", "sre")
+MATHJAX_ENTRY = f"{MATHJAX_DEST}/tex-chtml.js"
+# what tex-chtml.js loads on demand (TeX extensions, fonts, menu, accessibility)
+MATHJAX_PARTS = ("tex-chtml.js", "input", "output/chtml", "ui", "a11y", "sre")
 CHECK_TEX = Path(__file__).with_name("_check_tex.js")
 
 # a snippet marker as pymdownx.snippets reads it, and anything that looks like a damaged one
@@ -115,7 +115,7 @@ def _mathjax_dir() -> Path:
     es5 = None
     if spec is not None and spec.submodule_search_locations:
         es5 = Path(next(iter(spec.submodule_search_locations))) / "static" / "mathjax" / "es5"
-    if es5 is None or not (es5 / "tex-mml-chtml.js").is_file():
+    if es5 is None or not (es5 / "tex-chtml.js").is_file():
         raise PluginError(
             "MathJax not found: the docs serve it from the django-static-mathjax package; "
             "install the docs extra: pip install -e '.[docs]'"
@@ -140,7 +140,7 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
     """Add the vendored MathJax files to the site."""
     es5 = _State.mathjax
     assert es5 is not None
-    sources = [es5 / "tex-mml-chtml.js", *(es5.parent / "LICENSE",)]
+    sources = [es5 / "tex-chtml.js", *(es5.parent / "LICENSE",)]
     for part in MATHJAX_PARTS[1:]:
         sources += sorted(p for p in (es5 / part).rglob("*") if p.is_file())
     for source in sources:
