@@ -57,7 +57,7 @@ def _run_page(hooks, source: str) -> list[str]:
     return hooks._State.problems
 
 
-GOOD = '''
+GOOD = """
 Some text with \\(x^2\\) and a display
 
 \\[
@@ -67,7 +67,7 @@ f(X) = \\tfrac12 \\|X - A\\|_F^2
 ```python
 --8<-- "examples/rank_discovery.py:data"
 ```
-'''
+"""
 
 
 def test_a_good_page_passes(hooks):
@@ -105,10 +105,14 @@ def test_remote_assets_fail(hooks):
     assert any("does not load" in p for p in hooks._State.problems)
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="the formula check runs MathJax on Node.js")
+@pytest.mark.skipif(
+    shutil.which("node") is None, reason="the formula check runs MathJax on Node.js"
+)
 def test_formulas_that_do_not_render_fail(hooks):
     hooks._State.mathjax = hooks._mathjax_dir()
-    source = "Good \\(\\operatorname{orth}[U, K]\\), bad \\(\\frac{a}{b\\), \\(\\undefinedmacro x\\)\n"
+    source = (
+        "Good \\(\\operatorname{orth}[U, K]\\), bad \\(\\frac{a}{b\\), \\(\\undefinedmacro x\\)\n"
+    )
     assert _run_page(hooks, source) == []
     hooks._check_formulas()
     problems = hooks._State.problems
