@@ -324,14 +324,19 @@ def test_optimizers_reach_the_rank_r_target(name, factory, steps, gamma, dt):
         assert final < (1e-5 if dt == torch.float32 else 1e-7) * start
 
 
-@pytest.mark.parametrize(
-    "factory",
-    [
-        lambda p: geoopt.optim.RiemannianSGD(p, lr=0.3, momentum=0.5),
-        lambda p: geoopt.optim.RiemannianAdam(p, lr=0.3),
-    ],
-    ids=["momentum", "adam"],
-)
+def _momentum_sgd_and_adam(sgd_lr, momentum, adam_lr):
+    """Parametrize ``factory`` over RiemannianSGD with momentum and RiemannianAdam."""
+    return pytest.mark.parametrize(
+        "factory",
+        [
+            lambda p: geoopt.optim.RiemannianSGD(p, lr=sgd_lr, momentum=momentum),
+            lambda p: geoopt.optim.RiemannianAdam(p, lr=adam_lr),
+        ],
+        ids=["sgd-momentum", "adam"],
+    )
+
+
+@_momentum_sgd_and_adam(sgd_lr=0.3, momentum=0.5, adam_lr=0.3)
 def test_a_stack_of_points_steps_like_separate_parameters(factory):
     """One ManifoldParameter holding a stack of three points (geoopt's batch convention) takes
     the same steps as three parameters optimized side by side: every map, including Adam's
@@ -460,14 +465,7 @@ def _train(model, opt, inputs, outputs, steps):
         opt.step()
 
 
-@pytest.mark.parametrize(
-    "factory",
-    [
-        lambda p: geoopt.optim.RiemannianSGD(p, lr=0.05, momentum=0.9),
-        lambda p: geoopt.optim.RiemannianAdam(p, lr=0.02),
-    ],
-    ids=["sgd-momentum", "adam"],
-)
+@_momentum_sgd_and_adam(sgd_lr=0.05, momentum=0.9, adam_lr=0.02)
 def test_checkpoint_round_trip_continues_identically(factory):
     dt = torch.float64
     inputs, outputs, _ = _regression_data(dt)
