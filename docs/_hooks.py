@@ -53,9 +53,10 @@ from mkdocs.structure.pages import Page
 log = logging.getLogger("mkdocs.hooks.tuckerman")
 
 MATHJAX_DEST = "javascripts/vendor/mathjax"
-MATHJAX_ENTRY = f"{MATHJAX_DEST}/tex-chtml.js"
-# what tex-chtml.js loads on demand (TeX extensions, fonts, menu, accessibility)
+# MathJax's TeX-to-HTML build, and what it loads on demand (TeX extensions, fonts, menu,
+# accessibility); TeX input only: the docs have no MathML, which MathJax would typeset twice
 MATHJAX_PARTS = ("tex-chtml.js", "input", "output/chtml", "ui", "a11y", "sre")
+MATHJAX_ENTRY = f"{MATHJAX_DEST}/{MATHJAX_PARTS[0]}"
 CHECK_TEX = Path(__file__).with_name("_check_tex.js")
 
 # a snippet marker as pymdownx.snippets reads it, and anything that looks like a damaged one
@@ -115,7 +116,7 @@ def _mathjax_dir() -> Path:
     es5 = None
     if spec is not None and spec.submodule_search_locations:
         es5 = Path(next(iter(spec.submodule_search_locations))) / "static" / "mathjax" / "es5"
-    if es5 is None or not (es5 / "tex-chtml.js").is_file():
+    if es5 is None or not (es5 / MATHJAX_PARTS[0]).is_file():
         raise PluginError(
             "MathJax not found: the docs serve it from the django-static-mathjax package; "
             "install the docs extra: pip install -e '.[docs]'"
@@ -137,22 +138,20 @@ def on_config(config: MkDocsConfig) -> MkDocsConfig:
 
 
 def on_files(files: Files, config: MkDocsConfig) -> Files:
-    """Add the vendored MathJax files to the site."""
+    """Add the vendored MathJax files (and MathJax's licence) to the site."""
     es5 = _State.mathjax
     assert es5 is not None
-    sources = [es5 / "tex-chtml.js", *(es5.parent / "LICENSE",)]
+    dest_dir = str(Path(config.site_dir) / MATHJAX_DEST)
+
+    def add(src_dir: Path, path: str) -> None:
+        files.append(File(path, src_dir=str(src_dir), dest_dir=dest_dir, use_directory_urls=False))
+
+    add(es5.parent, "LICENSE")
+    add(es5, MATHJAX_PARTS[0])
     for part in MATHJAX_PARTS[1:]:
-        sources += sorted(p for p in (es5 / part).rglob("*") if p.is_file())
-    for source in sources:
-        relative = source.relative_to(es5 if source.is_relative_to(es5) else es5.parent)
-        files.append(
-            File(
-                relative.as_posix(),
-                src_dir=str(es5 if source.is_relative_to(es5) else es5.parent),
-                dest_dir=str(Path(config.site_dir) / MATHJAX_DEST),
-                use_directory_urls=False,
-            )
-        )
+        for source in sorted((es5 / part).rglob("*")):
+            if source.is_file():
+                add(es5, source.relative_to(es5).as_posix())
     return files
 
 
@@ -168,7 +167,8 @@ def on_page_markdown(markdown: str, page: Page, **kwargs: Any) -> str:
                 continue  # a section marker quoted in prose
             _State.problems.append(
                 f"{page.file.src_path}:{number}: malformed snippet include {line.strip()!r} "
-                '(write it as --8<-- "path:section"; a code formatter may have changed it)'
+                '(write it as --8<-- "path:section"; ruff format rewrites it as Python unless '
+                "the block is between <!-- fmt: off --> and <!-- fmt: on -->)"
             )
     return markdown
 
