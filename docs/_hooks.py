@@ -240,13 +240,12 @@ def _check_api_coverage() -> None:
         modules.extend(
             m for name, m in module.modules.items() if not name.startswith("_") and not m.is_alias
         )
-        for name in sorted(module.exports or ()):
-            name = str(name)
+        for name in sorted(str(export) for export in module.exports or ()):
             member = module.members.get(name)
             if member is not None and member.is_module:
                 continue
             paths = {f"{module.path}.{name}"}
-            if member is not None and member.is_alias:
+            if isinstance(member, griffe.Alias):
                 paths.add(member.target_path)
             if not paths & _State.anchors:
                 missing.append(f"{module.path}.{name}")

@@ -111,10 +111,10 @@ class TuckerManifold(geoopt.Manifold):
     def __init__(self, shape: Sequence[int], ranks: Any) -> None:
         super().__init__()
         self._fixed_rank = FixedRankTucker(shape, ranks)
-        self._sizes = (
+        self._sizes = [
             math.prod(self._fixed_rank.ranks),
             *(n * r for n, r in zip(self._fixed_rank.shape, self._fixed_rank.ranks)),
-        )
+        ]
 
     # ----------------------------------------------------------------- description
     @property
