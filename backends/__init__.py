@@ -11,6 +11,10 @@ Each submodule (``numpy``, ``torch``, ``jax``, ``cupy``, ``strict``) provides
   accumulated (a scatter-add; the standard has none). array_api_strict uses a one-hot matmul
   that stays inside the standard.
 
+Optionally ``solve_triangular(a, b, *, upper)`` (solve ``a x = b`` for triangular ``a``, stacks
+allowed) where the library has one that does not check for singularity on the host
+(``xp.linalg.solve`` does: a device synchronization on GPUs).
+
 :func:`get` picks the submodule for an array, a namespace or a library name.
 """
 
@@ -21,7 +25,7 @@ from typing import Any
 
 from tuckerman._compat import backend_name, is_array
 
-__all__ = ["get", "normal", "to_numpy", "name_of", "segment_sum"]
+__all__ = ["get", "normal", "to_numpy", "name_of", "segment_sum", "solve_triangular"]
 
 _MODULES = {
     "numpy": "numpy",
@@ -47,9 +51,17 @@ def name_of(obj: Any) -> str:
     return name
 
 
+_LOADED: dict[str, Any] = {}
+
+
 def get(obj: Any) -> Any:
-    """The backend module for an array, namespace or library name."""
-    return importlib.import_module(f"tuckerman.backends.{_MODULES[name_of(obj)]}")
+    """The backend module for an array, namespace or library name (imported once, then a
+    dictionary lookup: compilers such as ``torch.compile`` trace through it)."""
+    name = _MODULES[name_of(obj)]
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(f"tuckerman.backends.{name}")
+    return module
 
 
 def normal(xp: Any, shape: tuple[int, ...], *, key: Any = None, dtype: Any, device: Any = None):
@@ -69,3 +81,14 @@ def to_numpy(x: Any):
 def segment_sum(data: Any, segment_ids: Any, num_segments: int):
     """Scatter-add of the rows of ``data`` into ``num_segments`` rows (see the module docstring)."""
     return get(data).segment_sum(data, segment_ids, int(num_segments))
+
+
+def solve_triangular(a: Any, b: Any, *, upper: bool):
+    """Solve ``a x = b`` for a triangular ``a`` (``upper`` or lower); the library's triangular
+    solver where the backend has one, else the standard's ``linalg.solve``."""
+    backend = get(a)
+    if hasattr(backend, "solve_triangular"):
+        return backend.solve_triangular(a, b, upper=upper)
+    from tuckerman._compat import namespace_of
+
+    return namespace_of(a, b).linalg.solve(a, b)

@@ -29,3 +29,11 @@ def segment_sum(data: Any, segment_ids: Any, num_segments: int):
     out = cupy.zeros((num_segments, data.shape[1]), dtype=data.dtype)
     cupyx.scatter_add(out, segment_ids, data)
     return out
+
+
+def solve_triangular(a: Any, b: Any, *, upper: bool):
+    if a.ndim > 2:  # cupyx's solver takes one matrix
+        return cupy.linalg.solve(a, b)
+    import cupyx.scipy.linalg
+
+    return cupyx.scipy.linalg.solve_triangular(a, b, lower=not upper)

@@ -27,3 +27,9 @@ def to_numpy(x: Any) -> np.ndarray:
 
 def segment_sum(data: Any, segment_ids: Any, num_segments: int):
     return jax.ops.segment_sum(data, segment_ids, num_segments=num_segments)
+
+
+def solve_triangular(a: Any, b: Any, *, upper: bool):
+    import jax.scipy.linalg
+
+    return jax.scipy.linalg.solve_triangular(a, b, lower=not upper)

@@ -131,7 +131,7 @@ def _worker(out_path):
             "rank_history_2dev": tx2.rank_history,
             "rank_history_1dev": tx1.rank_history,
             "compilations": [tx2.compilations, tx1.compilations],
-            "buckets_visited": [len(tx2.buckets_visited), len(tx1.buckets_visited)],
+            "capacities_visited": [len(tx2.capacities_visited), len(tx1.capacities_visited)],
             "param_shapes_equal": [a.shape for a in _leaves(p2)] == [a.shape for a in _leaves(p1)],
             "max_param_diff": max(
                 float(np.max(np.abs(a - b))) for a, b in zip(_leaves(p2), _leaves(p1))
@@ -184,7 +184,7 @@ def test_two_devices_equal_one_device_with_identical_replicas(tmp_path):
     hist = rep["rank_history_2dev"]
     assert len(hist) == STEPS
     assert len({json.dumps(h) for h in hist}) >= 3, hist
-    assert rep["buckets_visited"][0] >= 3  # rank buckets outgrown: steps redone, re-padded
+    assert rep["capacities_visited"][0] >= 3  # rank buckets outgrown: steps redone, re-padded
     assert hist == rep["rank_history_1dev"]
     # the trajectory equals the one-device run on the same global batches (float64)
     assert rep["param_shapes_equal"]
@@ -195,7 +195,7 @@ def test_two_devices_equal_one_device_with_identical_replicas(tmp_path):
     assert rep["two"]["divergence"] == 0.0
     assert rep["two"]["not_replicated"] == []
     # compiled once per bucket configuration, like the one-device run
-    assert rep["compilations"][0] == rep["compilations"][1] <= rep["buckets_visited"][0]
+    assert rep["compilations"][0] == rep["compilations"][1] <= rep["capacities_visited"][0]
     # an indivisible batch: a clear error, nothing changed
     err = rep["indivisible_error"]
     assert err is not None and "(15, 14, 14, 1)" in err and "2 devices" in err, err

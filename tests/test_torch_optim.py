@@ -4,6 +4,8 @@ evaluations, refuses non-finite steps without changing anything, survives checkp
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from tuckerman.integrations.torch import TuckerConv2d, TuckerLinear  # noqa: E40
 from tuckerman.integrations.torch._optim import TDLRT  # noqa: E402
 
 import tuckerman as tm  # noqa: E402
+import tuckerman.backends  # noqa: E402, F401
+import tuckerman.integrations  # noqa: E402, F401
 
 DT = torch.float64
 
@@ -118,7 +122,7 @@ def test_one_pass_variant_uses_one_evaluation():
     x, y = _data()
     opt = TDLRT(model, lr=0.05, tau=0.1, one_pass=True)
     calls = []
-    losses = [float(opt.step(_closure(opt, model, x, y, calls))) for _ in range(15)]
+    losses = [opt.step(_closure(opt, model, x, y, calls)).item() for _ in range(15)]
     assert len(calls) == 15
     assert losses[-1] < losses[0]
     # without a closure, after the user's own backward
@@ -216,7 +220,7 @@ def test_an_exception_inside_the_step_changes_nothing(failure, monkeypatch):
         def broken(*args, **kwargs):
             raise RuntimeError("linalg.svd: the algorithm failed to converge")
 
-        monkeypatch.setattr(optim_module.tm, "truncate_core", broken)
+        monkeypatch.setattr(optim_module.engine, "truncate", broken)
     with pytest.raises(RuntimeError):
         opt.step(closure)
     assert [id(p) for p in model.parameters()] == objects
@@ -276,7 +280,9 @@ def test_bad_arguments():
         TDLRT(model, lr=-1.0)
     with pytest.raises(ValueError, match=r"tau must be finite and >= 0, got -0.5"):
         TDLRT(model, lr=0.1, tau=-0.5)
-    with pytest.raises(ValueError, match=r"inner must be 'sgd' or 'adam', got 'rmsprop'"):
+    with pytest.raises(
+        ValueError, match=r"inner must be one of \('sgd', 'adam', 'adamw'\), got 'rmsprop'"
+    ):
         TDLRT(model, lr=0.1, inner="rmsprop")
     with pytest.raises(ValueError, match="nesterov needs"):
         TDLRT(model, lr=0.1, nesterov=True)
@@ -286,3 +292,227 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="needs a closure"):
         opt.step()
     _ = np  # numpy imported for parity with other test modules
+
+
+# --------------------------------------------------------------------------- the device step
+def test_parameters_keep_their_identity_at_unchanged_ranks():
+    model = _cnn()
+    x, y = _data()
+    opt = TDLRT(model, lr=0.05, fixed_rank=True, momentum=0.9)
+    objects = [id(p) for p in model.parameters()]
+    for _ in range(20):
+        opt.step(_closure(opt, model, x, y))
+    assert [id(p) for p in model.parameters()] == objects
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(objects)
+
+
+def test_ranks_change_inside_the_capacity_without_new_parameters():
+    model = _cnn()
+    x, y = _data()
+    opt = TDLRT(model, lr=0.05, tau=0.4, momentum=0.9, capacity="max")
+    start = {"0": model[0].ranks, "3": model[3].ranks}
+    objects = [id(p) for p in model.parameters()]
+    caps = [m.capacity for m in model if hasattr(m, "capacity")]
+    for _ in range(10):
+        opt.step(_closure(opt, model, x, y))
+    assert any(h != start for h in opt.rank_history)  # ranks moved
+    assert [m.capacity for m in model if hasattr(m, "capacity")] == caps
+    assert [id(p) for p in model.parameters()] == objects
+    for m in model:
+        if hasattr(m, "capacity"):
+            r = m.ranks
+            for u, k in zip(m.factors, r):
+                assert not torch.any(u[:, k:])
+            assert torch.count_nonzero(m.core) == torch.count_nonzero(
+                m.core[tuple(slice(0, k) for k in r)]
+            )
+
+
+def test_no_host_read_with_the_largest_capacity_and_skip(monkeypatch):
+    """capacity="max" with on_nonfinite="skip": the step reads nothing on the host, and a
+    non-finite step is refused on the device (values selected), changing nothing."""
+    model = _cnn()
+    x, y = _data()
+    opt = TDLRT(model, lr=0.05, tau=0.3, inner="adam", capacity="max", on_nonfinite="skip")
+    opt.step(_closure(opt, model, x, y))
+    reads, stepping = [], True
+    ours = tuple(
+        str(Path(m.__file__).parent) for m in (tm, tm.integrations, tm.backends)
+    )  # torch's own Adam reads its CPU step counters (by design, no device sync): not counted
+
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _original=original, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if stepping and caller.startswith(ours):
+                reads.append((_name, caller))
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for _ in range(3):
+        opt.step(_closure(opt, model, x, y))
+    stepping = False
+    params = [p.detach().clone() for p in model.parameters()]
+    state = _state_values(opt)
+
+    def bad():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y) * float("nan")
+        loss.backward()
+        return loss
+
+    stepping = True
+    opt.step(bad)
+    assert reads == []
+    monkeypatch.undo()
+    for a, b in zip(model.parameters(), params):
+        assert torch.equal(a.detach(), b)
+    after = _state_values(opt)
+    for k in state:
+        for n, v in state[k].items():
+            assert torch.equal(after[k][n], v) if torch.is_tensor(v) else after[k][n] == v
+    assert len(opt.rank_history) == 5  # read lazily: the refused step's ranks are the old ones
+    assert opt.rank_history[-1] == opt.rank_history[-2]
+
+
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_amortized_augmentation_steps_only_the_cores_in_between(one_pass):
+    model = _cnn()
+    x, y = _data()
+    opt = TDLRT(model, lr=0.05, tau=0.3, momentum=0.9, augment_every=3, one_pass=one_pass)
+    calls, losses = [], []
+    for step in range(8):
+        before = [p.detach().clone() for m in model if hasattr(m, "capacity") for p in m.factors]
+        n = len(calls)
+        losses.append(float(opt.step(_closure(opt, model, x, y, calls))))
+        full = step % 3 == 0
+        assert len(calls) - n == (1 if (one_pass or not full) else 2)
+        after = [p.detach() for m in model if hasattr(m, "capacity") for p in m.factors]
+        if not full:  # the bases (and ranks) stay
+            assert all(torch.equal(a, b) for a, b in zip(after, before))
+            assert opt.rank_history[-1] == opt.rank_history[-2]
+    assert losses[-1] < losses[0]
+    # a core-only step (the ninth) needs no closure
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+
+
+def test_frozen_tucker_layers_are_left_untouched():
+    model = _cnn()
+    x, y = _data()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    opt = TDLRT(model, lr=0.05, tau=0.4)
+    for _ in range(3):
+        opt.step(_closure(opt, model, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(model[0].parameters(), frozen))
+    assert list(opt.rank_history[-1]) == ["3"]
+    model[3].factors[0].requires_grad_(False)
+    with pytest.raises(ValueError, match="only some require gradients"):
+        TDLRT(model, lr=0.05)
+
+
+def test_deepcopy_and_pickle_continue_identically():
+    import copy
+    import pickle
+
+    model = _cnn()
+    x, y = _data()
+    opt = TDLRT(model, lr=0.05, tau=0.4, momentum=0.9)
+    for _ in range(3):
+        opt.step(_closure(opt, model, x, y))
+    for clone in (copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
+        twin_opt = clone(opt)
+        twin = next(iter(twin_opt._layers.values())).__dict__  # the copy holds its own layers
+        assert twin is not next(iter(opt._layers.values())).__dict__
+    m2, o2 = copy.deepcopy((model, opt))
+    for _ in range(3):
+        opt.step(_closure(opt, model, x, y))
+        o2.step(_closure(o2, m2, x, y))
+    for a, b in zip(model.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert opt.rank_history == o2.rank_history
+
+
+def test_a_state_from_other_ranks_is_refused_at_load():
+    x, y = _data()
+    model = _cnn()
+    opt = TDLRT(model, lr=0.05, tau=0.4, momentum=0.9)
+    for _ in range(4):
+        opt.step(_closure(opt, model, x, y))
+    saved = opt.state_dict()
+    fresh = _cnn()  # initial ranks: the saved model's ranks differ
+    assert [m.ranks for m in fresh if hasattr(m, "ranks")] != [
+        m.ranks for m in model if hasattr(m, "ranks")
+    ]
+    with pytest.raises(ValueError, match=r"saved state of Tucker layer '0' has ranks \(\d+, \d+"):
+        TDLRT(fresh, lr=0.05, tau=0.4, momentum=0.9).load_state_dict(saved)
+
+
+def test_checkpoints_hold_the_true_ranks_and_load_into_padded_or_exact_layers():
+    x, y = _data()
+    model = _cnn()
+    opt = TDLRT(model, lr=0.05, tau=0.4, momentum=0.9, capacity="max")
+    for _ in range(4):
+        opt.step(_closure(opt, model, x, y))
+    layer = model[0]
+    assert layer.capacity != layer.ranks
+    sd, osd = model.state_dict(), opt.state_dict()
+    assert tuple(sd["0.core"].shape) == layer.ranks  # small files
+    i = [id(p) for p in opt._tucker_params()].index(id(layer.core))
+    assert tuple(osd["state"][i]["momentum_buffer"].shape) == layer.ranks
+    exact = _cnn(seed=5)
+    exact[0].set_tucker(tm.truncate_core(exact[0].tucker(), ranks=(2, 1, 3, 3))[0])
+    exact[0].set_capacity((2, 1, 3, 3))
+    exact.load_state_dict(sd)  # larger than the capacity: new parameters at the saved ranks
+    assert exact[0].ranks == exact[0].capacity == layer.ranks
+    padded = _cnn(seed=6)
+    padded[0].set_capacity((6, 2, 3, 3))
+    objects = [id(p) for p in padded.parameters()]
+    padded.load_state_dict(sd)  # fits the capacity: same parameters, zero padding
+    assert padded[0].ranks == layer.ranks and padded[0].capacity == (6, 2, 3, 3)
+    assert [id(p) for p in padded.parameters()] == objects
+    for m in (exact, padded):
+        assert torch.allclose(m(x), model(x), atol=1e-13, rtol=0)
+
+
+def test_hyperparameters_and_bounds_are_validated_before_anything_changes():
+    model = _cnn()
+    caps = [m.capacity for m in model if hasattr(m, "capacity")]
+    with pytest.raises(ValueError, match=r"min_rank 4 exceeds max_rank 2"):
+        TDLRT(model, lr=0.1, min_rank=4, max_rank=2)
+    with pytest.raises(ValueError, match=r"momentum must be finite and >= 0 and < 1, got 1.5"):
+        TDLRT(model, lr=0.1, momentum=1.5)
+    with pytest.raises(ValueError, match="betas entries must be finite"):
+        TDLRT(model, lr=0.1, inner="adam", betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="capacity policy must be one of"):
+        TDLRT(model, lr=0.1, capacity="huge")
+    with pytest.raises(ValueError, match="augment_every must be a positive int, got 0"):
+        TDLRT(model, lr=0.1, augment_every=0)
+    assert [m.capacity for m in model if hasattr(m, "capacity")] == caps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layers_train_with_float32_linear_algebra(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        TuckerConv2d(2, 6, 3, padding=1, ranks=(4, 2), dtype=dtype),
+        nn.ReLU(),
+        nn.Flatten(),
+        TuckerLinear(6 * 5 * 5, 3, ranks=(3, 3), dtype=dtype),
+    )
+    x, y = _data()
+    x, y = x.to(dtype), y.to(dtype)
+    opt = TDLRT(model, lr=0.05, tau=0.3, inner="adam")
+    losses = []
+    for _ in range(10):
+        losses.append(float(opt.step(_closure(opt, model, x, y))))
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == dtype for p in model.parameters())
+    for m in model:
+        if hasattr(m, "ranks"):
+            u = m.tucker().factors[0].float()
+            assert torch.allclose(u.T @ u, torch.eye(u.shape[1]), atol=2e-2)

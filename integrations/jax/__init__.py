@@ -2,7 +2,8 @@
 
 * Layers: :func:`tucker_dense`, :func:`tucker_conv` (NHWC, three-stage convolution), with
   :func:`init_tucker_dense`, :func:`init_tucker_conv` and :func:`tucker_from_dense` (HOSVD).
-* Rank-adaptive training: :class:`TDLRT` (``init`` / ``step``, jitted once per rank bucket).
+* Rank-adaptive training: :class:`TDLRT` (``init`` / ``step``, jitted once per capacity
+  configuration), a driver of the core's device step (:mod:`tuckerman.engine`).
 * Fixed-rank Riemannian optimization as optax transformations: :func:`riemannian_gradient`,
   :func:`tangent_momentum`, :func:`riemannian_sgd`, applied with :func:`apply_updates`.
 * Data parallelism over devices (``jax.sharding``): :func:`data_parallel`, :func:`data_mesh`,
@@ -17,7 +18,6 @@ from tuckerman.integrations.jax._pytree import _register
 
 _register()
 
-from tuckerman.integrations.jax._buckets import bucket_sizes  # noqa: E402
 from tuckerman.integrations.jax._distributed import (  # noqa: E402
     data_mesh,
     data_parallel,
@@ -48,7 +48,6 @@ __all__ = [
     "TDLRTState",
     "TangentMomentumState",
     "apply_updates",
-    "bucket_sizes",
     "data_mesh",
     "data_parallel",
     "init_tucker_conv",
