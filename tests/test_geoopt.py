@@ -84,8 +84,14 @@ def test_bad_packed_tensors_are_refused():
     n = M.packed_size
     with pytest.raises(ValueError, match=r"shape \(53,\).*\(54,\)"):
         geoopt.ManifoldParameter(torch.zeros(n - 1), manifold=M)
-    with pytest.raises(ValueError, match=r"shape \(2, 54\)"):
-        geoopt.ManifoldParameter(torch.zeros(2, n), manifold=M)
+    with pytest.raises(ValueError, match=r"shape \(2, 53\)"):
+        geoopt.ManifoldParameter(torch.zeros(2, n - 1), manifold=M)
+    # a stack of points is one tensor (geoopt's batch convention); unpack takes one point
+    stack = geoopt.ManifoldParameter(torch.zeros(2, n), manifold=M)
+    with pytest.raises(ValueError, match=r"shape \(2, 54\): a stack of 2"):
+        M.unpack(stack)
+    with pytest.raises(ValueError, match=r"do not broadcast"):
+        M.proju(torch.zeros(2, n), torch.zeros(3, n))
     with pytest.raises(TypeError, match="int64"):
         geoopt.ManifoldParameter(torch.zeros(n, dtype=torch.int64), manifold=M)
     with pytest.raises(TypeError, match="float16"):
@@ -109,6 +115,10 @@ def test_bad_packed_tensors_are_refused():
         TuckerManifold((5, 6), (2, 3))
     with pytest.raises(NotImplementedError, match="logarithmic"):
         M.logmap(x, x)
+    with pytest.raises(NotImplementedError, match="distance"):
+        M.dist(x, x)
+    ok, reason = M.check_point_on_manifold(torch.stack([x, torch.zeros_like(x)]), explain=True)
+    assert not ok and reason.startswith("at batch index (1,)")
     ok, reason = M.check_point(torch.zeros(3), explain=True)
     assert not ok and "(3,)" in reason and "(54,)" in reason
     with pytest.raises(ValueError, match="rank 5 exceeds"):
@@ -314,6 +324,45 @@ def test_optimizers_reach_the_rank_r_target(name, factory, steps, gamma, dt):
         assert final < (1e-5 if dt == torch.float32 else 1e-7) * start
 
 
+def _momentum_sgd_and_adam(sgd_lr, momentum, adam_lr):
+    """Parametrize ``factory`` over RiemannianSGD with momentum and RiemannianAdam."""
+    return pytest.mark.parametrize(
+        "factory",
+        [
+            lambda p: geoopt.optim.RiemannianSGD(p, lr=sgd_lr, momentum=momentum),
+            lambda p: geoopt.optim.RiemannianAdam(p, lr=adam_lr),
+        ],
+        ids=["sgd-momentum", "adam"],
+    )
+
+
+@_momentum_sgd_and_adam(sgd_lr=0.3, momentum=0.5, adam_lr=0.3)
+def test_a_stack_of_points_steps_like_separate_parameters(factory):
+    """One ManifoldParameter holding a stack of three points (geoopt's batch convention) takes
+    the same steps as three parameters optimized side by side: every map, including Adam's
+    one-scalar-per-point second moment, acts point by point."""
+    dt = torch.float64
+    M = TuckerManifold(SHAPE, RANKS)
+    start = M.random(3, M.packed_size, key=7, dtype=dt)
+    assert start.shape == (3, M.packed_size) and M.check_point_on_manifold(start)
+    targets = [M.unpack(M.random(key=20 + i, dtype=dt)).to_dense() for i in range(3)]
+    stacked = geoopt.ManifoldParameter(start.clone(), manifold=M)
+    single = [geoopt.ManifoldParameter(start[i].clone(), manifold=M) for i in range(3)]
+    opt_stacked, opt_single = factory([stacked]), factory(single)
+
+    def loss(points):
+        return sum(0.5 * ((M.unpack(p).to_dense() - a) ** 2).sum() for p, a in zip(points, targets))
+
+    for _ in range(15):
+        for opt, points in ((opt_stacked, list(stacked.unbind(0))), (opt_single, single)):
+            opt.zero_grad()
+            loss(points).backward()
+            opt.step()
+        assert torch.allclose(stacked, torch.stack(single), atol=1e-10)
+    assert M.check_point_on_manifold(stacked)
+    assert float(loss(list(stacked.unbind(0)))) < 0.8 * float(loss(list(start.unbind(0))))
+
+
 def test_sgd_matches_the_core_rgd_optimum(dt):
     """Best rank-(1,2,1) approximation of a rank-(2,3,2) tensor: geoopt's RiemannianSGD and
     tuckerman's rgd (Armijo) reach the same cost and tensor from the same start."""
@@ -416,14 +465,7 @@ def _train(model, opt, inputs, outputs, steps):
         opt.step()
 
 
-@pytest.mark.parametrize(
-    "factory",
-    [
-        lambda p: geoopt.optim.RiemannianSGD(p, lr=0.05, momentum=0.9),
-        lambda p: geoopt.optim.RiemannianAdam(p, lr=0.02),
-    ],
-    ids=["sgd-momentum", "adam"],
-)
+@_momentum_sgd_and_adam(sgd_lr=0.05, momentum=0.9, adam_lr=0.02)
 def test_checkpoint_round_trip_continues_identically(factory):
     dt = torch.float64
     inputs, outputs, _ = _regression_data(dt)

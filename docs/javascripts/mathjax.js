@@ -1,4 +1,9 @@
-// MathJax configuration for pymdownx.arithmatex (generic mode), as in the mkdocs-material docs.
+// MathJax configuration for pymdownx.arithmatex (generic mode): TeX between \( \) and \[ \] in
+// elements of class "arithmatex" only. MathJax itself (tex-chtml.js) is served from the site
+// (javascripts/vendor/mathjax/, copied from the django-static-mathjax package by docs/_hooks.py)
+// and typesets each page when it loads. (The theme's instant navigation, which would need a
+// re-typeset on every page change, is not enabled; re-typesetting an already typeset page would
+// clear the font styles and leave the formulas blank.)
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
@@ -11,10 +16,3 @@ window.MathJax = {
     processHtmlClass: "arithmatex",
   },
 };
-
-document$.subscribe(() => {
-  MathJax.startup.output.clearCache();
-  MathJax.typesetClear();
-  MathJax.texReset();
-  MathJax.typesetPromise();
-});

@@ -1,23 +1,30 @@
 """The fixed-rank Tucker manifold as a ``geoopt.Manifold`` on packed 1-D tensors.
 
 A point ``X = C ×_1 U_1 ⋯ ×_d U_d`` is stored as one flat tensor ``[vec(C), vec(U_1), ...,
-vec(U_d)]`` (row-major ``reshape``), so that one ``geoopt.ManifoldParameter`` can hold it. Every
-piece of mathematics is delegated to :class:`tuckerman.FixedRankTucker`; this module only packs,
-unpacks and validates.
+vec(U_d)]`` (row-major ``reshape``), so that one ``geoopt.ManifoldParameter`` can hold it; as in
+every geoopt manifold, leading dimensions are batch dimensions (a stack of points is one tensor
+of shape ``(..., packed_size)``) and broadcast. Every piece of mathematics is delegated to
+:class:`tuckerman.FixedRankTucker`; this module only packs, unpacks, validates and loops over the
+batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import geoopt
 import torch
 
-from tuckerman._factor_grads import rgrad_from_factor_grads
-from tuckerman._manifold import FixedRankTucker, TangentVector, core_condition
-from tuckerman._tucker import TuckerTensor, mode_product
+from tuckerman import (
+    FixedRankTucker,
+    TangentVector,
+    TuckerTensor,
+    core_condition,
+    mode_product,
+    rgrad_from_factor_grads,
+)
 
 __all__ = ["TuckerManifold"]
 
@@ -73,9 +80,12 @@ class TuckerManifold(geoopt.Manifold):
       moves along ``momentum · Dφ_x(∂f/∂C, ∂f/∂U_k)``. That is a descent direction, but its
       factor part is weighted by ``C_(k)ᵀC_(k)``: with cores of large singular values, warm up
       the learning rate. From the second step on, the buffer is a tangent vector.
-    - ``geoopt.Manifold.ndim`` is 1 here: the manifold dimensions of a packed tensor are its one
-      axis (no batch dimensions). The tensor order is ``len(manifold.shape)``.
-    - ``dist`` and ``logmap`` are not available (no closed form).
+    - ``geoopt.Manifold.ndim`` is 1 here: the last axis is the packed (manifold) axis and, as in
+      every geoopt manifold, leading axes are batch axes. A tensor of shape
+      ``(*batch, packed_size)`` is a stack of independent points; every map broadcasts its
+      arguments over the batch axes (``proju(X, u)`` with a stack ``X`` and one ``u``) and acts
+      point by point. The tensor order is ``len(manifold.shape)``.
+    - ``dist`` and ``logmap`` raise ``NotImplementedError`` (no closed form).
 
     Examples
     --------
@@ -101,10 +111,10 @@ class TuckerManifold(geoopt.Manifold):
     def __init__(self, shape: Sequence[int], ranks: Any) -> None:
         super().__init__()
         self._fixed_rank = FixedRankTucker(shape, ranks)
-        self._sizes = (
+        self._sizes = [
             math.prod(self._fixed_rank.ranks),
             *(n * r for n, r in zip(self._fixed_rank.shape, self._fixed_rank.ranks)),
-        )
+        ]
 
     # ----------------------------------------------------------------- description
     @property
@@ -136,8 +146,9 @@ class TuckerManifold(geoopt.Manifold):
         return f"shape={self.shape}, ranks={self.ranks}"
 
     # ----------------------------------------------------------------- packing
-    def _split(self, t: Any, what: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Validated views ``(core, factors)`` of a packed tensor (differentiable)."""
+    def _packed(self, t: Any, what: str) -> torch.Tensor:
+        """``t`` as a plain tensor of shape ``(..., packed_size)``, float32/float64, or an error
+        naming its shape and dtype."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _DTYPES:
@@ -145,26 +156,75 @@ class TuckerManifold(geoopt.Manifold):
                 f"{what} has dtype {t.dtype} (shape {tuple(t.shape)}); {self} needs float32 or "
                 "float64"
             )
-        if tuple(t.shape) != (self.packed_size,):
+        if t.ndim < 1 or t.shape[-1] != self.packed_size:
             raise ValueError(
                 f"{what} has shape {tuple(t.shape)}, but packed tensors of {self} have shape "
-                f"({self.packed_size},) = (prod{self.ranks} + sum n_k r_k)"
+                f"({self.packed_size},) = (prod{self.ranks} + sum n_k r_k), or "
+                f"(..., {self.packed_size}) for a stack of them"
             )
-        t = t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+        return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+
+    def _one(self, t: Any, what: str) -> torch.Tensor:
+        """A single packed tensor (no batch dimensions)."""
+        t = self._packed(t, what)
+        if t.ndim != 1:
+            raise ValueError(
+                f"{what} has shape {tuple(t.shape)}: a stack of {t.shape[:-1].numel()} packed "
+                f"tensors; this method takes one, of shape ({self.packed_size},) (index the "
+                "stack)"
+            )
+        return t
+
+    def _split(self, t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Views ``(core, factors)`` of one validated packed tensor (differentiable)."""
         parts = torch.split(t, self._sizes)
         core = parts[0].reshape(self.ranks)
         factors = [p.reshape(n, r) for p, n, r in zip(parts[1:], self.shape, self.ranks)]
         return core, factors
 
-    def _pair(self, x: Any, u: Any, what: str) -> tuple[TuckerTensor, TangentVector]:
-        point = self.unpack(x)
-        dcore, dfactors = self._split(u, what)
-        if dcore.dtype != point.core.dtype or dcore.device != point.core.device:
-            raise TypeError(
-                f"{what} has dtype {dcore.dtype} on {dcore.device}, but x has dtype "
-                f"{point.core.dtype} on {point.core.device}"
-            )
-        return point, TangentVector(dcore, dfactors)
+    def _point(self, t: torch.Tensor) -> TuckerTensor:
+        return TuckerTensor(*self._split(t))
+
+    def _tangent(self, t: torch.Tensor) -> TangentVector:
+        return TangentVector(*self._split(t))
+
+    def _rows(
+        self, tensors: Sequence[tuple[Any, str]]
+    ) -> tuple[tuple[int, ...] | None, list[tuple[torch.Tensor, ...]]]:
+        """Validated packed tensors, broadcast over their batch dimensions and split into rows:
+        ``(batch shape, [(x_i, u_i, ...), ...])``; the batch shape is None when all are 1-D."""
+        arrays = [self._packed(t, what) for t, what in tensors]
+        first, first_name = arrays[0], tensors[0][1]
+        for a, (_, what) in zip(arrays[1:], tensors[1:]):
+            if a.dtype != first.dtype or a.device != first.device:
+                raise TypeError(
+                    f"{what} has dtype {a.dtype} on {a.device}, but {first_name} has dtype "
+                    f"{first.dtype} on {first.device}"
+                )
+        if all(a.ndim == 1 for a in arrays):
+            return None, [tuple(arrays)]
+        try:
+            batch = tuple(torch.broadcast_shapes(*(a.shape[:-1] for a in arrays)))
+        except RuntimeError as err:
+            shapes = ", ".join(f"{what} {tuple(a.shape)}" for a, (_, what) in zip(arrays, tensors))
+            raise ValueError(f"the batch dimensions of {shapes} do not broadcast") from err
+        flat = [a.expand(*batch, self.packed_size).reshape(-1, self.packed_size) for a in arrays]
+        return batch, list(zip(*(f.unbind(0) for f in flat)))
+
+    def _batched(
+        self,
+        fn: Callable[..., torch.Tensor],
+        tensors: Sequence[tuple[Any, str]],
+        out_shape: tuple[int, ...],
+    ) -> torch.Tensor:
+        """``fn`` on one point (and its vectors) at a time, stacked to ``batch + out_shape``."""
+        batch, rows = self._rows(tensors)
+        if batch is None:
+            return fn(*rows[0])
+        if not rows:  # an empty batch
+            like = self._packed(*tensors[0])
+            return like.new_zeros((*batch, *out_shape))
+        return torch.stack([fn(*row) for row in rows]).reshape(*batch, *out_shape)
 
     def unpack(self, packed: torch.Tensor) -> TuckerTensor:
         """The Tucker tensor of a packed point; views, differentiable.
@@ -191,8 +251,7 @@ class TuckerManifold(geoopt.Manifold):
         >>> x.ranks, tuple(x.to_dense().shape)
         ((2, 2, 2), (4, 5, 6))
         """
-        core, factors = self._split(packed, "the packed point")
-        return TuckerTensor(core, factors)
+        return self._point(self._one(packed, "the packed point"))
 
     def pack(self, x: TuckerTensor) -> torch.Tensor:
         """The packed 1-D tensor ``[vec(C), vec(U_1), ..., vec(U_d)]`` of a Tucker tensor.
@@ -228,7 +287,10 @@ class TuckerManifold(geoopt.Manifold):
             )
         if x.core.dtype not in _DTYPES:
             raise TypeError(f"x has dtype {x.core.dtype}; {self} needs float32 or float64")
-        return torch.cat([a.reshape(-1) for a in leaves])
+        return self._pack_point(x)
+
+    def _pack_point(self, x: TuckerTensor) -> torch.Tensor:
+        return torch.cat([x.core.reshape(-1), *(u.reshape(-1) for u in x.factors)])
 
     def unpack_tangent(self, packed: torch.Tensor) -> TangentVector:
         """The :class:`~tuckerman.TangentVector` ``(Ċ, U̇_k)`` of a packed vector; views.
@@ -242,8 +304,7 @@ class TuckerManifold(geoopt.Manifold):
         >>> tuple(v.dcore.shape), [tuple(u.shape) for u in v.dfactors]
         ((2, 2, 2), [(4, 2), (5, 2), (6, 2)])
         """
-        dcore, dfactors = self._split(packed, "the packed vector")
-        return TangentVector(dcore, dfactors)
+        return self._tangent(self._one(packed, "the packed vector"))
 
     def pack_tangent(self, v: TangentVector) -> torch.Tensor:
         """The packed 1-D tensor ``[vec(Ċ), vec(U̇_1), ...]`` of a tangent vector.
@@ -270,7 +331,7 @@ class TuckerManifold(geoopt.Manifold):
 
     def tangent_to_dense(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The tangent tensor ``Dφ_x(u)`` as a dense array of :attr:`shape` (references and
-        small cases only).
+        small cases only); ``batch + shape`` for stacks.
 
         Examples
         --------
@@ -281,8 +342,11 @@ class TuckerManifold(geoopt.Manifold):
         >>> bool(torch.allclose(M.tangent_to_dense(x, x), 4 * M.unpack(x).to_dense()))
         True
         """
-        point, v = self._pair(x, u, "u")
-        return self._fixed_rank.tangent_to_dense(point, v)
+        return self._batched(
+            lambda x1, u1: self._fixed_rank.tangent_to_dense(self._point(x1), self._tangent(u1)),
+            [(x, "x"), (u, "u")],
+            self.shape,
+        )
 
     def _pack_tangent(self, v: TangentVector) -> torch.Tensor:
         return torch.cat([v.dcore.reshape(-1), *(u.reshape(-1) for u in v.dfactors)])
@@ -295,17 +359,19 @@ class TuckerManifold(geoopt.Manifold):
         dtype: torch.dtype | None = None,
         device: Any = None,
     ) -> geoopt.ManifoldTensor:
-        """A random point (:meth:`tuckerman.FixedRankTucker.random_point`), packed.
+        """A random point (:meth:`tuckerman.FixedRankTucker.random_point`), packed; or a stack.
 
         Gaussian core brought to all-orthogonal (HOSVD) form, orthonormal factors.
 
         Parameters
         ----------
         *size : int, optional
-            geoopt's size argument; if given it must be ``(packed_size,)``.
+            geoopt's size argument: ``(packed_size,)`` for one point (the default), or
+            ``(*batch, packed_size)`` for a stack of independent points.
         key : int or torch.Generator, optional
             Seed or generator. None draws a seed from torch's global generator, so
-            ``torch.manual_seed`` (and geoopt's ``origin``) make it reproducible.
+            ``torch.manual_seed`` (and geoopt's ``origin``) make it reproducible. A stack draws
+            one seed per point from a generator seeded with ``key``.
         dtype : torch.dtype, optional
             float32 or float64 (default: torch's default dtype).
         device : optional
@@ -322,21 +388,39 @@ class TuckerManifold(geoopt.Manifold):
         >>> x = M.random(key=0, dtype=torch.float64)
         >>> x.shape, x.dtype, M.check_point_on_manifold(x)
         (torch.Size([38]), torch.float64, True)
+        >>> M.random(2, 3, M.packed_size, key=0).shape    # a 2 x 3 stack of points
+        torch.Size([2, 3, 38])
         """
+        batch: tuple[int, ...] = ()
         if size:
             shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], Sequence) else size
-            if tuple(int(s) for s in shape) != (self.packed_size,):
+            shape = tuple(int(s) for s in shape)
+            if not shape or shape[-1] != self.packed_size or min(shape) < 0:
                 raise ValueError(
-                    f"size {tuple(shape)} requested, but points of {self} have shape "
-                    f"({self.packed_size},)"
+                    f"size {shape} requested, but points of {self} have shape "
+                    f"({self.packed_size},), or (..., {self.packed_size}) for a stack"
                 )
+            batch = shape[:-1]
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in _DTYPES:
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
         if key is None:
             key = int(torch.randint(0, 2**62, (1,)))
-        x = self._fixed_rank.random_point(key=key, xp=torch, dtype=dtype, device=device)
-        return geoopt.ManifoldTensor(self.pack(x), manifold=self)
+        if batch:
+            generator = key if isinstance(key, torch.Generator) else None
+            if generator is None:
+                generator = torch.Generator().manual_seed(int(key))
+            seeds = torch.randint(0, 2**62, (math.prod(batch),), generator=generator).tolist()
+        else:
+            seeds = [key]
+        points = [
+            self._pack_point(
+                self._fixed_rank.random_point(key=seed, xp=torch, dtype=dtype, device=device)
+            )
+            for seed in seeds
+        ]
+        packed = torch.stack(points).reshape(*batch, self.packed_size) if batch else points[0]
+        return geoopt.ManifoldTensor(packed, manifold=self)
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         """Bring a packed tensor back onto the manifold, keeping its tensor and, when it is
@@ -366,14 +450,17 @@ class TuckerManifold(geoopt.Manifold):
         >>> bool(torch.allclose(M.projx(y), y))
         True
         """
-        point = self.unpack(x)
+        return self._batched(self._projx, [(x, "x")], (self.packed_size,))
+
+    def _projx(self, x: torch.Tensor) -> torch.Tensor:
+        point = self._point(x)
         core, factors = point.core, []
         for k, u in enumerate(point.factors):
             q, r = torch.linalg.qr(u)
             signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(dtype=r.dtype)
             factors.append(q * signs)
             core = mode_product(core, signs[:, None] * r, k)
-        return self.pack(TuckerTensor(core, factors))
+        return self._pack_point(TuckerTensor(core, factors))
 
     # ----------------------------------------------------------------- tangent vectors
     def proju(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -395,8 +482,13 @@ class TuckerManifold(geoopt.Manifold):
         >>> M.check_vector_on_tangent(x, v), bool(torch.allclose(M.proju(x, v), v))
         (True, True)
         """
-        point, v = self._pair(x, u, "u")
-        return self._pack_tangent(self._fixed_rank.project(point, v))
+        return self._batched(
+            lambda x1, u1: self._pack_tangent(
+                self._fixed_rank.project(self._point(x1), self._tangent(u1))
+            ),
+            [(x, "x"), (u, "u")],
+            (self.packed_size,),
+        )
 
     def egrad2rgrad(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Riemannian gradient from autograd's gradient of the packed parameter.
@@ -418,10 +510,14 @@ class TuckerManifold(geoopt.Manifold):
         >>> [float(abs(u).max()) < 1e-12 for u in g.dfactors]
         [True, True, True]
         """
-        point, g = self._pair(x, u, "the gradient")
-        return self._pack_tangent(
-            rgrad_from_factor_grads(self._fixed_rank, point, g.dcore, g.dfactors)
-        )
+
+        def rgrad(x1: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
+            g = self._tangent(u1)
+            return self._pack_tangent(
+                rgrad_from_factor_grads(self._fixed_rank, self._point(x1), g.dcore, g.dfactors)
+            )
+
+        return self._batched(rgrad, [(x, "x"), (u, "the gradient")], (self.packed_size,))
 
     def inner(
         self,
@@ -436,7 +532,7 @@ class TuckerManifold(geoopt.Manifold):
         Not the Euclidean inner product of the packed vectors: in the gauge it is
         ``⟨Ċ_u, Ċ_v⟩ + Σ_k tr(U̇_kᵀ(u) U̇_k(v) C_(k)C_(k)ᵀ)`` (:meth:`FixedRankTucker.inner`);
         ``u`` and ``v`` are brought to the gauge first. ``v=None`` means ``v = u``. Shape
-        ``()``, or ``(1,)`` with ``keepdim=True``.
+        ``()``, or ``(1,)`` with ``keepdim=True``; ``batch`` and ``batch + (1,)`` for stacks.
 
         Examples
         --------
@@ -449,22 +545,24 @@ class TuckerManifold(geoopt.Manifold):
         >>> bool(torch.isclose(M.inner(x, u), (dense**2).sum()))
         True
         """
-        point, tu = self._pair(x, u, "u")
         fr = self._fixed_rank
-        tu = fr.project(point, tu)
-        if v is None:
-            tv = tu
-        else:
-            tv = fr.project(point, self._pair(x, v, "v")[1])
-        out = fr.inner(point, tu, tv)
-        return out.reshape(1) if keepdim else out
+
+        def metric(x1: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor | None = None) -> Any:
+            point = self._point(x1)
+            tu = fr.project(point, self._tangent(u1))
+            tv = tu if v1 is None else fr.project(point, self._tangent(v1))
+            return fr.inner(point, tu, tv)
+
+        tensors = [(x, "x"), (u, "u")] if v is None else [(x, "x"), (u, "u"), (v, "v")]
+        out = self._batched(metric, tensors, ())
+        return out.unsqueeze(-1) if keepdim else out
 
     def component_inner(
         self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``inner(x, u, v, keepdim=True)`` (shape ``(1,)``): one second-moment scalar per
-        parameter in :class:`geoopt.optim.RiemannianAdam`, which keeps its update tangent and
-        independent of the parametrization.
+        """``inner(x, u, v, keepdim=True)`` (shape ``(1,)``, ``batch + (1,)`` for stacks): one
+        second-moment scalar per point in :class:`geoopt.optim.RiemannianAdam`, which keeps its
+        update tangent and independent of the parametrization.
 
         Examples
         --------
@@ -506,8 +604,13 @@ class TuckerManifold(geoopt.Manifold):
         >>> M.check_point_on_manifold(M.retr(x, 0.1 * u))
         True
         """
-        point, v = self._pair(x, u, "u")
-        return self.pack(self._fixed_rank.retract(point, v))
+        return self._batched(
+            lambda x1, u1: self._pack_point(
+                self._fixed_rank.retract(self._point(x1), self._tangent(u1))
+            ),
+            [(x, "x"), (u, "u")],
+            (self.packed_size,),
+        )
 
     def expmap(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The retraction :meth:`retr` (the exponential map has no closed form here).
@@ -539,9 +642,13 @@ class TuckerManifold(geoopt.Manifold):
         >>> M.check_vector_on_tangent(y, M.transp(x, y, v))
         True
         """
-        point, tv = self._pair(x, v, "v")
-        target = self.unpack(y)
-        return self._pack_tangent(self._fixed_rank.transport(point, target, tv))
+        return self._batched(
+            lambda x1, y1, v1: self._pack_tangent(
+                self._fixed_rank.transport(self._point(x1), self._point(y1), self._tangent(v1))
+            ),
+            [(x, "x"), (y, "y"), (v, "v")],
+            (self.packed_size,),
+        )
 
     def retr_transp(
         self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor
@@ -573,10 +680,10 @@ class TuckerManifold(geoopt.Manifold):
     # ----------------------------------------------------------------- checks
     def _check_shape(self, shape: tuple[int, ...], name: str) -> tuple[bool, str | None]:
         shape = tuple(shape)
-        if shape != (self.packed_size,):
+        if not shape or shape[-1] != self.packed_size:
             return False, (
                 f"'{name}' has shape {shape}, but packed tensors of {self} have shape "
-                f"({self.packed_size},)"
+                f"({self.packed_size},), or (..., {self.packed_size}) for a stack of them"
             )
         return True, None
 
@@ -592,8 +699,31 @@ class TuckerManifold(geoopt.Manifold):
         ok, reason = self._check_dtype(t, name)
         return ok, reason, TypeError
 
+    def _check_each(
+        self,
+        check: Callable[..., tuple[bool, str | None]],
+        tensors: Sequence[tuple[torch.Tensor, str]],
+    ) -> tuple[bool, str | None]:
+        """``check`` on every point of a stack; the first failure names its batch index."""
+        for t, name in tensors:
+            ok, reason = self._check_dtype(t, name)
+            if not ok:
+                return ok, reason
+        batch, rows = self._rows(tensors)
+        for i, row in enumerate(rows):
+            ok, reason = check(*row)
+            if not ok:
+                if batch is None:
+                    return ok, reason
+                index = []
+                for n in reversed(batch):
+                    index.append(i % n)
+                    i //= n
+                return ok, f"at batch index {tuple(reversed(index))}: {reason}"
+        return True, None
+
     def check_point(self, x: torch.Tensor, *, explain: bool = False) -> Any:
-        """Whether ``x`` has the packed layout (shape ``(packed_size,)``, float32/float64).
+        """Whether ``x`` has the packed layout (shape ``(..., packed_size)``, float32/float64).
 
         :meth:`check_point_on_manifold` also checks orthonormal factors and a full-rank core.
 
@@ -602,8 +732,10 @@ class TuckerManifold(geoopt.Manifold):
         >>> import torch
         >>> from tuckerman.integrations.geoopt import TuckerManifold
         >>> M = TuckerManifold((4, 5, 6), 2)
-        >>> M.check_point(torch.zeros(38)), M.check_point(torch.zeros(5))
-        (True, False)
+        >>> M.check_point(torch.zeros(38)), M.check_point(torch.zeros(3, 38))
+        (True, True)
+        >>> M.check_point(torch.zeros(5))
+        False
         """
         ok, reason, _ = self._check_packed(x, "x")
         return (ok, reason) if explain else ok
@@ -629,21 +761,20 @@ class TuckerManifold(geoopt.Manifold):
     def _check_point_on_manifold(
         self, x: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
     ) -> tuple[bool, str | None]:
-        ok, reason = self._check_dtype(x, "x")
-        if not ok:
-            return ok, reason
-        # |U_kᵀU_k - I| <= atol + rtol |I| entrywise, as numpy.allclose would have it
-        return self._fixed_rank.check_point(self.unpack(x), explain=True, atol=atol + rtol)
+        def check(x1: torch.Tensor) -> tuple[bool, str | None]:
+            # |U_kᵀU_k - I| <= atol + rtol |I| entrywise, as numpy.allclose would have it
+            return self._fixed_rank.check_point(self._point(x1), explain=True, atol=atol + rtol)
+
+        return self._check_each(check, [(x, "x")])
 
     def _check_vector_on_tangent(
         self, x: torch.Tensor, u: torch.Tensor, *, atol: float = 1e-5, rtol: float = 1e-5
     ) -> tuple[bool, str | None]:
-        for t, name in ((x, "x"), (u, "u")):
-            ok, reason = self._check_dtype(t, name)
-            if not ok:
-                return ok, reason
-        point, v = self._pair(x, u, "u")
-        # the off-gauge part relative to ||u||; factor-form rounding grows like eps cond(C)
-        eps = torch.finfo(point.core.dtype).eps
-        tol = max(atol + rtol, 100 * eps * core_condition(point))
-        return self._fixed_rank.check_tangent(point, v, explain=True, atol=tol)
+        def check(x1: torch.Tensor, u1: torch.Tensor) -> tuple[bool, str | None]:
+            point = self._point(x1)
+            # the off-gauge part relative to ||u||; factor-form rounding grows like eps cond(C)
+            eps = torch.finfo(point.core.dtype).eps
+            tol = max(atol + rtol, 100 * eps * core_condition(point))
+            return self._fixed_rank.check_tangent(point, self._tangent(u1), explain=True, atol=tol)
+
+        return self._check_each(check, [(x, "x"), (u, "u")])
