@@ -534,7 +534,7 @@ def study(task: str, data: dict, args, progress: Progress) -> dict:
         "learning_rate_grid": grid,
         "runs": runs,
         "robustness_runs": robust,
-        "summary": summarize(runs, robust, full_model, args),
+        "summary": summarize(runs, robust, full_model),
     }
 
 
@@ -582,9 +582,13 @@ def params_at_accuracy(curve: list[dict], acc: float) -> dict:
     return {"parameters": pts[-1][0], "note": "not reached within the sweep (lower bound)"}
 
 
-def summarize(runs: list[dict], robust: list[dict], model_params: int, args) -> dict:
+def summarize(runs: list[dict], robust: list[dict], model_params: int) -> dict:
     rows = []
-    keys = sorted({(r["method"], r["tau"], r["rank"]) for r in runs}, key=str)
+    order = [*GRIDS]  # tucker first, then the LoRA family, then full fine-tuning
+    keys = sorted(
+        {(r["method"], r["tau"], r["rank"]) for r in runs},
+        key=lambda k: (order.index(k[0]), k[1] or 0.0, k[2] or 0),
+    )
     for method, tau, rank in keys:
         sel = [r for r in runs if (r["method"], r["tau"], r["rank"]) == (method, tau, rank)]
         row = {"method": method, "tau": tau, "rank": rank, **aggregate(sel)}
@@ -660,6 +664,68 @@ def print_summary(result: dict) -> None:
             f"  {r['method']:<13} lr={r['lr']:g}: {100 * r['test_accuracy_mean']:.2f} ± "
             f"{100 * r['test_accuracy_std']:.2f}%  skipped steps {r['skipped_steps']}"
         )
+
+
+LABEL = {
+    "tucker-sgd": "Tucker, TDLRT (SGD)",
+    "tucker-adam": "Tucker, TDLRT (inner Adam, before the geometric Adam)",
+    "tucker-adamw": "Tucker, TDLRT (inner AdamW)",
+    "lora": "LoRA (Adam)",
+    "peft-lora": "PEFT LoRA (Adam)",
+    "peft-adalora": "PEFT AdaLoRA (Adam)",
+    "full": "full fine-tuning (Adam)",
+}
+
+
+def markdown(result: dict) -> str:
+    """The docs' tables for one task (``--markdown``)."""
+    model = result["model_parameters"]
+    lines = [
+        f"**{result['task']}** ({model:,} parameters; learning rates chosen on validation: "
+        + ", ".join(f"{m} {lr:g}" for m, lr in result["learning_rates"].items())
+        + ")",
+        "",
+        "| method | `tau` / rank | test accuracy (%) | final trainable | % of model "
+        "| peak / final | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["summary"]["rows"]:
+        what = (
+            f"τ = {r['tau']:g}"
+            if r["tau"] is not None
+            else ("" if r["rank"] is None else f"r = {r['rank']}")
+        )
+        lines.append(
+            f"| {LABEL[r['method']]} | {what} | {100 * r['test_accuracy_mean']:.2f} ± "
+            f"{100 * r['test_accuracy_std']:.2f} | {r['trainable_parameters_mean']:,.0f} | "
+            f"{100 * r['final_over_model']:.2f} | {r['peak_over_final_max']:.2f} | "
+            f"{r['seconds_mean']:.0f} |"
+        )
+    lines += [
+        "",
+        "| Tucker row | against | closest rank (params) | accuracy difference (points) "
+        "| parameter ratio at equal accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["summary"]["rows"]:
+        for m, c in r.get("vs", {}).items():
+            ratio = c["parameter_ratio_at_equal_accuracy"]
+            lines.append(
+                f"| {LABEL[r['method']]}, τ = {r['tau']:g} | {LABEL[m]} | r = {c['closest_rank']} "
+                f"({c['closest_parameters']:,.0f}) | {100 * c['accuracy_difference']:+.2f} | "
+                f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({c['note']}) |"
+            )
+    lines += [
+        "",
+        "| method, at 10× its chosen learning rate | lr | test accuracy (%) | skipped steps |",
+        "|---|---|---|---|",
+    ]
+    for r in result["summary"]["robustness"]:
+        lines.append(
+            f"| {LABEL[r['method']]} | {r['lr']:g} | {100 * r['test_accuracy_mean']:.2f} ± "
+            f"{100 * r['test_accuracy_std']:.2f} | {r['skipped_steps']} |"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- plots
@@ -808,13 +874,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-stem", default="adapters")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--replot", action="store_true", help="only redraw from the JSON at --out")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the docs' tables from the JSON at --out"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.taus, args.ranks, args.epochs = 1, args.taus[:1], [2, 4], 1
         args.pretrain_epochs, args.vit_pretrain_epochs, args.no_tune = 1, 2, True
-    if args.replot:
+    if args.replot or args.markdown:
         report = json.loads(args.out.read_text())
-        print(plot(report["tasks"], args.plot_dir, args.plot_stem))
+        for res in report["tasks"]:  # from the runs, with this version's summary
+            res["summary"] = summarize(res["runs"], res["robustness_runs"], res["model_parameters"])
+        if args.markdown:
+            print("\n\n".join(markdown(res) for res in report["tasks"]))
+        else:
+            print(plot(report["tasks"], args.plot_dir, args.plot_stem))
         return 0
     if args.out.exists() and not args.overwrite:
         parser.error(f"{args.out} exists; pass --overwrite to replace it, or another --out")

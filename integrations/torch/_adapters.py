@@ -259,8 +259,7 @@ class TuckerAdapterConfig:
     ...     ranks=4, rank_pattern={"head": 2}, fused_splits={"qkv": 3})
     >>> cfg.to_dict()["target_modules"]
     ['qkv', 'proj', 're:blocks\\\\.\\\\d+\\\\.mlp\\\\.fc\\\\d']
-    >>> TuckerAdapterConfig.from_dict(cfg.to_dict()) == TuckerAdapterConfig.from_dict(
-    ...     cfg.to_dict())
+    >>> TuckerAdapterConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
     True
     """
 
