@@ -413,8 +413,10 @@ RESULT_SETTINGS = (
 class Progress:
     """Finished runs, appended one JSON line each to ``<out>.partial.jsonl`` (resume)."""
 
-    def __init__(self, path: Path, settings: dict, fresh: bool) -> None:
-        self.path, self.done = path, {}
+    def __init__(self, path: Path, settings: dict, fresh: bool, dry: bool = False) -> None:
+        self.path, self.done, self.dry = path, {}, dry
+        if dry and not path.exists():
+            raise SystemExit(f"--from-partial: {path} does not exist")
         if path.exists() and fresh:
             path.unlink()
         if path.exists():
@@ -431,7 +433,10 @@ class Progress:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"settings": settings}) + "\n")
 
-    def get(self, key: str, compute: Callable[[], dict]) -> dict:
+    def get(self, key: str, compute: Callable[[], dict]) -> dict | None:
+        """The stored result, else ``compute()``'s (stored); None in a dry (report-only) run."""
+        if key not in self.done and self.dry:
+            return None
         if key not in self.done:
             result = compute()
             with self.path.open("a") as fh:
@@ -459,34 +464,36 @@ def fmt(run: dict) -> str:
 
 
 def study(task: str, data: dict, args, progress: Progress) -> dict:
+    """Tuning, then per seed the main runs and the 10x-lr runs (so a stopped study has whole
+    seeds); in a dry run (``--from-partial``) only the runs already done."""
     bases: dict[int, nn.Module] = {}
-    pretrain_info = []
 
     def base(seed: int) -> nn.Module:
         if seed not in bases:
-            start = time.perf_counter()
             bases[seed] = pretrain(task, data, args, seed)
-            pretrain_info.append(
-                {
-                    "seed": seed,
-                    "seconds": time.perf_counter() - start,
-                    "accuracy_0_4": accuracy(bases[seed], data["pretrain_test"]),
-                    "zero_shot_accuracy_5_9": accuracy(bases[seed], data["test"]),
-                }
-            )
-            print(f"[{task}] pretrained seed {seed}: {pretrain_info[-1]}", flush=True)
         return bases[seed]
 
-    def run(kind: str, method: str, lr: float, seed: int, tau=None, rank=None) -> dict:
+    def pretrain_stats(seed: int) -> dict:
+        start = time.perf_counter()
+        model = base(seed)
+        return {
+            "seed": seed,
+            "seconds": time.perf_counter() - start,
+            "accuracy_0_4": accuracy(model, data["pretrain_test"]),
+            "zero_shot_accuracy_5_9": accuracy(model, data["test"]),
+        }
+
+    def run(kind: str, method: str, lr: float, seed: int, tau=None, rank=None) -> dict | None:
         key = f"{task}/{kind}/{method}/lr={lr:g}/tau={tau}/rank={rank}/seed={seed}"
         result = progress.get(
             key,
             lambda: run_one(task, base(seed), data, args, method, lr, 1000 + seed, tau, rank),
         )
-        print(
-            f"[{task}] {kind} {method} lr={lr:g} tau={tau} r={rank} seed={seed}: {fmt(result)}",
-            flush=True,
-        )
+        if result is not None:
+            print(
+                f"[{task}] {kind} {method} lr={lr:g} tau={tau} r={rank} seed={seed}: {fmt(result)}",
+                flush=True,
+            )
         return result
 
     def shape(method: str) -> dict:
@@ -501,35 +508,38 @@ def study(task: str, data: dict, args, progress: Progress) -> dict:
             best[method] = args.lr[method]
             continue
         rows = [run("tune", method, lr, 0, **shape(method)) for lr in args.grids[method]]
-        grid[method] = [(r["lr"], r["val_accuracy"], r["trainable_parameters"]) for r in rows]
-        best[method] = max(rows, key=lambda r: r["val_accuracy"])["lr"]
+        done = [r for r in rows if r is not None]
+        if len(done) < len(rows):
+            print(f"[{task}] {method}: learning-rate grid unfinished, left out", flush=True)
+            continue
+        grid[method] = [(r["lr"], r["val_accuracy"], r["trainable_parameters"]) for r in done]
+        best[method] = max(done, key=lambda r: r["val_accuracy"])["lr"]
     print(f"[{task}] learning rates chosen on the validation split: {best}", flush=True)
 
-    runs = []
+    runs, robust, pretraining = [], [], []
     for seed in range(args.seeds):
-        for method in methods(args):
+        stats = progress.get(f"{task}/pretrain/seed={seed}", lambda seed=seed: pretrain_stats(seed))
+        if stats is not None:
+            pretraining.append(stats)
+            print(f"[{task}] pretrained seed {seed}: {stats}", flush=True)
+        for method in best:
             if method.startswith("tucker-"):
-                for tau in args.taus:
-                    runs.append(run("main", method, best[method], seed, tau=tau))
+                runs += [run("main", method, best[method], seed, tau=tau) for tau in args.taus]
             elif method == "full":
                 runs.append(run("main", method, best[method], seed))
             else:
-                for rank in args.ranks:
-                    runs.append(run("main", method, best[method], seed, rank=rank))
-    robust = []
-    if not args.no_robustness:
-        for seed in range(args.seeds):
-            for method in methods(args):
+                runs += [run("main", method, best[method], seed, rank=r) for r in args.ranks]
+        if not args.no_robustness:
+            for method in best:
                 robust.append(run("robust", method, 10 * best[method], seed, **shape(method)))
-    base(0)  # pretraining statistics of every seed, also on a resumed run
-    for seed in range(1, args.seeds):
-        base(seed)
+    runs = [r for r in runs if r is not None]
+    robust = [r for r in robust if r is not None]
     full_model = trainable(new_model(task))
     return {
         "task": task,
         "targets": TARGETS[task],
         "model_parameters": full_model,
-        "pretraining": sorted(pretrain_info, key=lambda p: p["seed"]),
+        "pretraining": pretraining,
         "learning_rates": best,
         "learning_rate_grid": grid,
         "runs": runs,
@@ -870,6 +880,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--fresh", action="store_true", help="discard <out>.partial.jsonl")
+    parser.add_argument(
+        "--from-partial",
+        action="store_true",
+        help="write the report from the runs already in <out>.partial.jsonl (a stopped study: "
+        "whole seeds; the file is kept so that the study can be resumed)",
+    )
     parser.add_argument("--plot-dir", type=Path, default=DEFAULT_PLOTS)
     parser.add_argument("--plot-stem", default="adapters")
     parser.add_argument("--no-plot", action="store_true")
@@ -917,7 +933,8 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in vars(args).items()
         if k not in ("out", "overwrite", "fresh", "plot_dir", "plot_stem", "no_plot", "replot")
     }
-    progress = Progress(args.out.with_name(args.out.name + ".partial.jsonl"), settings, args.fresh)
+    partial = args.out.with_name(args.out.name + ".partial.jsonl")
+    progress = Progress(partial, settings, args.fresh, dry=args.from_partial)
     data = split_data()
     print(
         f"pretrain on {len(data['pretrain'][1])} digits 0-4; adapt on {len(data['adapt'][1])} "
@@ -943,6 +960,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "load": monitor.report(),
         "total_seconds_this_process": time.perf_counter() - start,
+        "complete": not args.from_partial,
         "tasks": results,
         "plots": plots,
     }
@@ -950,7 +968,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     os.replace(tmp, args.out)
-    progress.path.unlink()
+    if not args.from_partial:
+        progress.path.unlink()
     print(f"wrote {args.out}" + (f" and {', '.join(plots)}" if plots else ""))
     return 0
 

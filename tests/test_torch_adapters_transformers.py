@@ -68,6 +68,22 @@ def _names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, TuckerAdapter)]
 
 
+def _fit(model, opt, x, y, loss_fn, steps: int) -> tuple[float, float]:
+    """``steps`` optimizer steps on ``loss_fn(model(x), y)``; (first loss, last loss)."""
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    first = float(closure().detach())
+    last = first
+    for _ in range(steps):
+        last = float(opt.step(closure).detach())
+    return first, last
+
+
 # --------------------------------------------------------------------------- the ViT
 def test_vit_forward_and_bad_input():
     vit = _vit()
@@ -266,17 +282,8 @@ def test_split_slices_get_their_own_ranks_from_tdlrt():
         nn.Sequential(base), TuckerAdapterConfig("0", ranks=4, fused_splits={"0": 3})
     )
     opt = TDLRT(model, lr=1.0, tau=0.02)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    first = float(closure().detach())
-    for _ in range(80):
-        loss = opt.step(closure)
-    assert float(loss.detach()) < 1e-3 * first
+    first, last = _fit(model, opt, x, y, F.mse_loss, 80)
+    assert last < 1e-3 * first
     assert [d.ranks for d in model[0].deltas] == [(1, 1), (2, 2), (3, 3)]
     assert set(opt.rank_history[-1]) == {"0.delta.0", "0.delta.1", "0.delta.2"}
 
@@ -327,16 +334,11 @@ def test_tdlrt_trains_an_embedding_update_and_finds_its_rank():
     model = add_tucker_adapters(nn.Sequential(base), "0", ranks=1)
     opt = TDLRT(model, lr=0.01, tau=0.02)
 
-    def closure():
-        opt.zero_grad()
-        loss = F.mse_loss(model(idx), y, reduction="sum")
-        loss.backward()
-        return loss
+    def loss_fn(pred, target):
+        return F.mse_loss(pred, target, reduction="sum")
 
-    first = float(closure().detach())
-    for _ in range(100):
-        loss = opt.step(closure)
-    assert float(loss.detach()) < 1e-3 * first
+    first, last = _fit(model, opt, idx, y, loss_fn, 100)
+    assert last < 1e-3 * first
     assert model[0].delta.ranks == (2, 2)
     assert not model[0].base.weight.requires_grad
 
@@ -414,15 +416,7 @@ def _train_a_few_steps(vit: nn.Module, steps: int = 4) -> TDLRT:
     x = _images(16, torch.float32, seed=2)
     y = torch.arange(16) % 3
     opt = TDLRT(vit, lr=0.5, tau=0.2)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(vit(x), y)
-        loss.backward()
-        return loss
-
-    for _ in range(steps):
-        opt.step(closure)
+    _fit(vit, opt, x, y, F.cross_entropy, steps)
     return opt
 
 
