@@ -528,9 +528,10 @@ def study(task: str, data: dict, args, progress: Progress) -> dict:
             elif method == "full":
                 runs.append(run("main", method, best[method], seed))
             else:
-                runs += [run("main", method, best[method], seed, rank=r) for r in args.ranks]
+                ranks = args.method_ranks.get(method, args.ranks)
+                runs += [run("main", method, best[method], seed, rank=r) for r in ranks]
         if not args.no_robustness:
-            for method in best:
+            for method in [m for m in best if m not in args.no_robustness_for]:
                 robust.append(run("robust", method, 10 * best[method], seed, **shape(method)))
     runs = [r for r in runs if r is not None]
     robust = [r for r in robust if r is not None]
@@ -871,7 +872,16 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="METHOD=LR1,LR2,... replaces a learning-rate grid (default: GRIDS)",
     )
+    parser.add_argument(
+        "--method-ranks",
+        nargs="*",
+        default=[],
+        help="METHOD=R1,R2,... replaces --ranks for one LoRA-family method",
+    )
     parser.add_argument("--no-robustness", action="store_true")
+    parser.add_argument(
+        "--no-robustness-for", nargs="*", default=[], help="methods left out of the 10x-lr runs"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -927,6 +937,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"--grid takes METHOD=LR1,LR2 with METHOD in {sorted(GRIDS)}, got {item!r}"
             )
     args.grids = grids
+    method_ranks = {}
+    for item in args.method_ranks:
+        method, _, values = item.partition("=")
+        try:
+            method_ranks[method] = [int(v) for v in values.split(",")]
+        except ValueError:
+            method_ranks[method] = []
+        if method not in ("lora", "peft-lora", "peft-adalora") or not method_ranks[method]:
+            parser.error(f"--method-ranks takes METHOD=R1,R2 for a LoRA method, got {item!r}")
+    args.method_ranks = method_ranks
     torch.set_num_threads(args.threads)
     settings = {
         k: (str(v) if isinstance(v, Path) else v)
