@@ -467,18 +467,20 @@ def study(task: str, data: dict, args, progress: Progress) -> dict:
     """Tuning, then per seed the main runs and the 10x-lr runs (so a stopped study has whole
     seeds); in a dry run (``--from-partial``) only the runs already done."""
     bases: dict[int, nn.Module] = {}
+    seconds: dict[int, float] = {}
 
     def base(seed: int) -> nn.Module:
         if seed not in bases:
+            start = time.perf_counter()
             bases[seed] = pretrain(task, data, args, seed)
+            seconds[seed] = time.perf_counter() - start
         return bases[seed]
 
     def pretrain_stats(seed: int) -> dict:
-        start = time.perf_counter()
         model = base(seed)
         return {
             "seed": seed,
-            "seconds": time.perf_counter() - start,
+            "seconds": seconds[seed],
             "accuracy_0_4": accuracy(model, data["pretrain_test"]),
             "zero_shot_accuracy_5_9": accuracy(model, data["test"]),
         }
