@@ -54,6 +54,7 @@ import copy
 import json
 import math
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -410,6 +411,12 @@ RESULT_SETTINGS = (
 )  # fmt: skip
 
 
+def _run_key(key: str) -> str:
+    """A run is its task, method, lr, tau, rank and seed: the tuning run of the chosen lr is
+    also the seed-0 main run (keys written with the kind, ``/tune/`` etc., are read as well)."""
+    return re.sub(r"/(tune|main|robust)/", "/", key, count=1)
+
+
 class Progress:
     """Finished runs, appended one JSON line each to ``<out>.partial.jsonl`` (resume)."""
 
@@ -427,7 +434,7 @@ class Progress:
                     f"{path} holds runs made with other {RESULT_SETTINGS}; pass --fresh to "
                     "discard them, or the same settings to resume"
                 )
-            self.done = {line["key"]: line["result"] for line in lines[1:]}
+            self.done = {_run_key(line["key"]): line["result"] for line in lines[1:]}
             print(f"resuming: {len(self.done)} runs already in {path}", flush=True)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -486,7 +493,7 @@ def study(task: str, data: dict, args, progress: Progress) -> dict:
         }
 
     def run(kind: str, method: str, lr: float, seed: int, tau=None, rank=None) -> dict | None:
-        key = f"{task}/{kind}/{method}/lr={lr:g}/tau={tau}/rank={rank}/seed={seed}"
+        key = f"{task}/{method}/lr={lr:g}/tau={tau}/rank={rank}/seed={seed}"
         result = progress.get(
             key,
             lambda: run_one(task, base(seed), data, args, method, lr, 1000 + seed, tau, rank),
