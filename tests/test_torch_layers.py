@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -389,22 +390,60 @@ def test_tucker_is_a_view_of_the_parameters():
     assert not x.core.requires_grad
 
 
-def test_set_tucker_changes_shapes_and_shrinks_memory():
+def test_set_tucker_keeps_the_parameters_and_set_capacity_shrinks_memory():
     torch.manual_seed(9)
     layer = TuckerConv2d(32, 32, 3, padding=1, ranks=16)
     before = layer.num_parameters()
     assert before == sum(p.numel() for p in layer.parameters())
     old = [layer.core, *layer.factors]
     y, _ = tm.truncate_core(layer.tucker(), ranks=(4, 6, 3, 3))
-    layer.set_tucker(y)
-    assert layer.ranks == (4, 6, 3, 3)
+    layer.set_tucker(y)  # smaller ranks: written into the same parameters, zero padding
+    assert layer.ranks == (4, 6, 3, 3) and layer.capacity == (16, 16, 3, 3)
+    assert layer.rank_vector.tolist() == [4, 6, 3, 3]
+    assert all(p is q for p, q in zip([layer.core, *layer.factors], old))  # same objects
+    assert layer.num_parameters() < before == layer.num_parameters_stored()
+    check_against_dense(layer, dense_conv_like(layer), torch.randn(2, 32, 6, 6), torch.float32)
+    assert not torch.any(layer.core[4:]) and not torch.any(layer.factors[1][:, 6:])
+    layer.set_capacity(layer.ranks)  # memory follows the rank: new, smaller parameters
     assert tuple(layer.core.shape) == (4, 6, 3, 3)
     assert [tuple(u.shape) for u in layer.factors] == [(32, 4), (32, 6), (3, 3), (3, 3)]
     after = sum(p.numel() for p in layer.parameters())
-    assert after == layer.num_parameters() < before
+    assert after == layer.num_parameters() == layer.num_parameters_stored() < before
     assert all(p is not q for p, q in zip([layer.core, *layer.factors], old))  # new objects
     assert all(p.requires_grad for p in layer.parameters())
     check_against_dense(layer, dense_conv_like(layer), torch.randn(2, 32, 6, 6), torch.float32)
+    with pytest.raises(ValueError, match=r"capacity \(3, 6, 3, 3\) must hold the ranks"):
+        layer.set_capacity((3, 6, 3, 3))
+    bigger, _ = tm.augment_basis(layer.tucker(), [torch.randn(n, 2) for n in layer.weight_shape])
+    layer.set_tucker(bigger)  # larger ranks than the capacity: new parameters at those ranks
+    assert layer.capacity == layer.ranks == (6, 8, 3, 3)
+
+
+def test_padded_forward_and_gradients_equal_the_true_rank_layer():
+    """At a capacity larger than the ranks the forward pass, with the ranks known on the host
+    (live block) or not (whole capacity), and the gradients equal an unpadded layer's."""
+    torch.manual_seed(3)
+    for layer in (TuckerConv2d(6, 5, 3, padding=1, ranks=(3, 2), dtype=torch.float64),
+                  TuckerLinear(7, 5, ranks=3, dtype=torch.float64)):  # fmt: skip
+        twin = copy.deepcopy(layer)
+        layer.set_capacity([min(r + 2, n) for r, n in zip(layer.ranks, layer.weight_shape)])
+        x = torch.randn(2, 6, 5, 5, dtype=torch.float64) if layer.core.ndim == 4 else torch.randn(
+            4, 7, dtype=torch.float64
+        )
+        for host_known in (True, False):
+            layer._host_ranks = layer.ranks if host_known else None
+            for p in (*layer.parameters(), *twin.parameters()):
+                p.grad = None
+            layer(x).square().sum().backward()
+            twin(x).square().sum().backward()
+            assert torch.allclose(layer(x), twin(x), atol=1e-13, rtol=0)
+            r = twin.ranks
+            live = tuple(slice(0, k) for k in r)
+            assert torch.allclose(layer.core.grad[live], twin.core.grad, atol=1e-12, rtol=0)
+            assert torch.count_nonzero(layer.core.grad) == torch.count_nonzero(layer.core.grad[live])
+            for u, v, k in zip(layer.factors, twin.factors, r):
+                assert torch.allclose(u.grad[:, :k], v.grad, atol=1e-12, rtol=0)
+                assert not torch.any(u.grad[:, k:])
 
 
 def test_set_tucker_accepts_an_augmented_point_exactly():

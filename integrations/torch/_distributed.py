@@ -158,7 +158,16 @@ class ReplicaSync:
         self.device = torch.device(device)
         group = process_group if process_group is not None else dist.group.WORLD
         self._src = dist.get_global_rank(group, 0)  # rank 0 of the group, as a global rank
-        self.disagreements = 0
+        self._disagreements = 0
+        self._disagreements_device: torch.Tensor | None = None  # counted without host reads
+
+    @property
+    def disagreements(self) -> int:
+        """How many layer decisions of this replica differed from rank 0's (read on access)."""
+        n = self._disagreements
+        if self._disagreements_device is not None:
+            n += int(self._disagreements_device.item())
+        return n
 
     def agree_ranks(self, ranks: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Rank 0's ranks for every layer (same keys, in the same order, on every replica)."""
@@ -181,9 +190,49 @@ class ReplicaSync:
         for name in names:
             d = len(ranks[name])
             out[name] = tuple(got[i : i + d])
-            self.disagreements += out[name] != tuple(ranks[name])
+            self._disagreements += out[name] != tuple(ranks[name])
             i += d
         return out
+
+    def broadcast_ranks(self, ranks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Rank 0's rank decisions (device integer tensors, one per layer; no host read).
+
+        One ``broadcast`` of all layers' ranks in a single flat tensor.
+        """
+        dist = _dist()
+        sizes = [int(r.numel()) for r in ranks]
+        local = torch.cat([r.reshape(-1) for r in ranks]).to(self.device)
+        flat = local.clone()
+        dist.broadcast(flat, src=self._src, group=self.process_group)
+        differ = torch.stack(
+            [torch.any(a != b) for a, b in zip(flat.split(sizes), local.split(sizes))]
+        )
+        count = differ.sum()
+        if self._disagreements_device is None:
+            self._disagreements_device = count
+        else:
+            self._disagreements_device = self._disagreements_device + count
+        out = list(torch.split(flat.to(ranks[0].device), sizes))
+        return [o.reshape(r.shape) for o, r in zip(out, ranks)]
+
+    def all_true_each(self, flags: torch.Tensor) -> torch.Tensor:
+        """Entry by entry, whether each 0/1 flag holds on every replica (one
+        ``all_reduce(MIN)`` of the integer tensor; no host read)."""
+        dist = _dist()
+        t = flags.to(device=self.device, dtype=torch.int64).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.process_group)
+        return t.to(device=flags.device)
+
+    def average(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The mean over replicas of each tensor (one ``all_reduce`` of a flat buffer)."""
+        dist = _dist()
+        if not tensors:
+            return []
+        sizes = [int(t.numel()) for t in tensors]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.process_group)
+        flat /= dist.get_world_size(self.process_group)
+        return [o.reshape(t.shape) for o, t in zip(torch.split(flat, sizes), tensors)]
 
     def any_rank(self, flag: bool) -> bool:
         """True on every replica when ``flag`` is True on at least one."""

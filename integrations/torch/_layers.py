@@ -1,9 +1,9 @@
 """Tucker-factorized ``nn.Linear`` and ``nn.Conv2d`` layers.
 
 The weight of a layer is a Tucker tensor ``W = C ×_1 U_1 ⋯ ×_d U_d`` held as the parameters
-``core`` (``C``) and ``factors`` (``U_k``), at the current rank: when the rank changes the
-parameters are replaced by smaller (or larger) ones, so memory follows the rank. The forward pass
-never forms ``W``.
+``core`` (``C``) and ``factors`` (``U_k``) at a capacity, zero-padded beyond the true ranks, with
+the ranks also on the device (:class:`tuckerman.engine.PaddedTucker`), so a rank change inside
+the capacity keeps the parameter objects. The forward pass never forms ``W``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 
 import tuckerman as tm
 from tuckerman._validate import feasible_ranks, feasible_ranks_error, full_ranks
+from tuckerman.engine import PaddedTucker
 
 __all__ = ["AbstractTuckerLayer", "TuckerLinear", "TuckerConv2d"]
 
@@ -146,20 +147,39 @@ def resolve_ranks(
 
 
 # --------------------------------------------------------------------------- the base class
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return False  # pragma: no cover (torch < 2.3)
+
+
 class AbstractTuckerLayer(nn.Module, abc.ABC):
     """A layer whose weight is a Tucker tensor ``W = core ×_1 factors[0] ⋯ ×_d factors[d-1]``.
 
-    The parameters live at the current rank: ``core`` has shape ``ranks`` and ``factors[k]``
-    shape ``(weight_shape[k], ranks[k])``. Nothing is preallocated at a maximum rank; a rank
-    change (:meth:`set_tucker`) replaces the parameters, so memory follows the rank.
+    The parameters are held at a *capacity*: ``core`` has shape :attr:`capacity` and
+    ``factors[k]`` shape ``(weight_shape[k], capacity[k])``, with the true :attr:`ranks` as the
+    leading block and exact zeros beyond it (so the padded weight *is* the true-rank weight).
+    The true ranks also live on the device (:attr:`rank_vector`), so an optimizer can change
+    them without a host round trip and without replacing the parameters: a rank change inside
+    the capacity writes values into the same ``nn.Parameter`` objects. A new capacity
+    (:meth:`set_capacity`, or an optimizer whose ranks outgrow it) replaces them. A fresh layer
+    has capacity equal to its ranks.
+
+    The forward pass uses the live block when the ranks are known on the host (eager mode) and
+    the whole capacity otherwise (under ``torch.compile``, or after a device-side rank change):
+    the two agree exactly, the first is cheaper, the second has static shapes.
 
     Attributes
     ----------
     core : nn.Parameter
-        The core tensor.
+        The core tensor (padded to the capacity).
     factors : nn.ParameterList
-        The factor matrices, orthonormal columns after initialization.
+        The factor matrices: orthonormal leading columns after initialization, zero padding.
     bias : nn.Parameter or None
+    rank_vector : torch.Tensor
+        The true ranks, int64 of shape ``(d,)`` on the layer's device (a non-persistent buffer:
+        checkpoints carry the ranks as the shapes of the saved, trimmed core and factors).
     adaptive_modes : tuple of int
         Modes whose rank a rank-adaptive optimizer may change; the others keep their rank.
     """
@@ -167,6 +187,7 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
     core: nn.Parameter
     factors: nn.ParameterList
     bias: nn.Parameter | None
+    rank_vector: torch.Tensor
 
     def __init__(
         self,
@@ -189,6 +210,12 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
             self.bias = nn.Parameter(torch.empty(self._weight_shape[0], **kw))
         else:
             self.register_parameter("bias", None)
+        self.register_buffer(
+            "rank_vector", torch.tensor(ranks, dtype=torch.int64, device=device), persistent=False
+        )
+        self._host_ranks: tuple[int, ...] | None = tuple(int(r) for r in ranks)
+        self._override: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._register_state_dict_hook(_trim_saved_weight)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ shape information
@@ -199,7 +226,15 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        """Current multilinear rank (the core's shape)."""
+        """Current multilinear rank (host ints; reads :attr:`rank_vector` when it changed on the
+        device since the host last saw it)."""
+        if self._host_ranks is None:
+            self._host_ranks = tuple(int(r) for r in self.rank_vector.tolist())
+        return self._host_ranks
+
+    @property
+    def capacity(self) -> tuple[int, ...]:
+        """The padded ranks the parameters are held at (``core.shape``)."""
         return tuple(int(s) for s in self.core.shape)
 
     @property
@@ -215,43 +250,62 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
         Core: i.i.d. Gaussian, scaled so that the dense weight has the mean entry variance of
         PyTorch's default (Kaiming-uniform, ``a=√5``) initialization of the same dense layer,
         ``1 / (3 fan_in)``: with orthonormal factors ``‖W‖_F = ‖C‖_F``. Bias: uniform in
-        ``±1/√fan_in``, as in ``nn.Linear`` / ``nn.Conv2d``. Uses torch's default generator
-        (``torch.manual_seed`` makes it reproducible).
+        ``±1/√fan_in``, as in ``nn.Linear`` / ``nn.Conv2d``. Padding beyond the ranks is zero.
+        Uses torch's default generator (``torch.manual_seed`` makes it reproducible).
         """
+        ranks = self.ranks
         work = torch.promote_types(self.core.dtype, torch.float32)
+        dev = self.core.device
+        factors = []
+        for n, r in zip(self._weight_shape, ranks):
+            q, rr = torch.linalg.qr(torch.randn((n, r), device=dev, dtype=work))
+            factors.append(q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(work))
+        variance = 1.0 / (3.0 * self.fan_in)
+        scale = math.sqrt(variance * math.prod(self._weight_shape) / math.prod(ranks))
+        core = torch.randn(ranks, device=dev, dtype=work) * scale
         with torch.no_grad():
-            for u in self.factors:
-                g = torch.randn(u.shape, device=u.device, dtype=work)
-                q, r = torch.linalg.qr(g)
-                signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(work)
-                u.copy_(q * signs)
-            variance = 1.0 / (3.0 * self.fan_in)
-            scale = math.sqrt(variance * math.prod(self._weight_shape) / self.core.numel())
-            self.core.copy_(
-                torch.randn(self.core.shape, device=self.core.device, dtype=work) * scale
-            )
+            self._write(core, factors, ranks)
             if self.bias is not None:
                 bound = 1.0 / math.sqrt(self.fan_in)
                 self.bias.uniform_(-bound, bound)
 
+    # ------------------------------------------------------------------ the weights in use
+    def _weights(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Core and factors for the forward pass: the live block in eager mode when the ranks
+        are known on the host, the whole capacity otherwise (exact either way)."""
+        if self._override is not None:
+            return self._override
+        core, factors = self.core, list(self.factors)
+        r = self._host_ranks
+        if r is None or r == self.capacity or _compiling():
+            return core, factors
+        return core[tuple(slice(0, k) for k in r)], [u[:, :k] for u, k in zip(factors, r)]
+
     # ------------------------------------------------------------------ Tucker view
     def tucker(self) -> tm.TuckerTensor:
-        """The weight as a :class:`tuckerman.TuckerTensor` of the current parameters.
+        """The weight as a :class:`tuckerman.TuckerTensor` at its true ranks.
 
         The arrays are detached views: they share storage with ``core`` and ``factors`` (no copy,
-        no autograd graph). For the optimizer and the core's functions (``tm.augment_basis``,
-        ``tm.truncate_core``, ...); write new values back with :meth:`set_tucker`.
+        no autograd graph). Write new values back with :meth:`set_tucker`.
         """
-        return tm.TuckerTensor(self.core.detach(), [u.detach() for u in self.factors])
+        r = self.ranks
+        core = self.core.detach()[tuple(slice(0, k) for k in r)]
+        return tm.TuckerTensor(core, [u.detach()[:, :k] for u, k in zip(self.factors, r)])
+
+    def padded(self) -> PaddedTucker:
+        """The weight at its capacity with the ranks on the device (detached views; no copy)."""
+        return PaddedTucker(
+            self.core.detach(), tuple(u.detach() for u in self.factors), self.rank_vector
+        )
 
     def set_tucker(self, x: tm.TuckerTensor) -> None:
-        """Replace the weight by ``x``, whose ranks may differ from the current ones.
+        """Make the weight ``x``, whose ranks may differ from the current ones.
 
-        ``core`` and every ``factors[k]`` become **new** ``nn.Parameter`` objects (copies of
-        ``x``'s arrays, cast to this layer's dtype and device) with the ``requires_grad`` flags of
-        the old ones; the bias is kept. An optimizer holding the old parameters must be told:
-        ``tuckerman``'s TDLRT optimizer does this itself; a plain ``torch.optim`` optimizer has to
-        be rebuilt (or its param groups updated) after a call.
+        When ``x.ranks`` fit the capacity, the values are written into the existing parameters
+        (the same ``nn.Parameter`` objects, so optimizers and hooks stay valid); otherwise the
+        parameters are replaced by new ones at capacity ``x.ranks`` (an optimizer holding the
+        old ones must be told; ``tuckerman``'s TDLRT does this itself). Values are cast to this
+        layer's dtype and device; ``requires_grad`` flags and the bias are kept.
 
         Any ranks ``1 <= r_k <= weight_shape[k]`` are accepted, including the rank-deficient
         cores of an augmented point (``tm.augment_basis``).
@@ -283,18 +337,70 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
                     f"{owner}.set_tucker: ranks {x.ranks} need 1 <= ranks[{k}] <= {n} "
                     f"(weight shape {self._weight_shape})"
                 )
-        self._replace(x.core, x.factors)
+        with torch.no_grad():
+            if any(r > c for r, c in zip(x.ranks, self.capacity)):
+                self._reallocate(x.ranks)
+            self._write(x.core, list(x.factors), x.ranks)
 
-    def _replace(self, core: torch.Tensor, factors: Sequence[torch.Tensor]) -> None:
+    def set_capacity(self, capacity: Sequence[int]) -> None:
+        """Hold the parameters at ``capacity`` (new ``nn.Parameter`` objects; values kept).
+
+        Raises
+        ------
+        ValueError
+            If ``capacity`` cannot hold the current ranks or exceeds the mode sizes.
+        """
+        capacity = tuple(int(c) for c in capacity)
+        ranks = self.ranks
+        if len(capacity) != len(ranks) or any(
+            not r <= c <= n for r, c, n in zip(ranks, capacity, self._weight_shape)
+        ):
+            raise ValueError(
+                f"{type(self).__name__}.set_capacity: capacity {capacity} must hold the ranks "
+                f"{ranks} and fit the weight shape {self._weight_shape}"
+            )
+        if capacity != self.capacity:
+            with torch.no_grad():
+                x = self.tucker()
+                x = tm.TuckerTensor(x.core.clone(), [u.clone() for u in x.factors])
+                self._reallocate(capacity)
+                self._write(x.core, list(x.factors), ranks)
+
+    def _reallocate(self, capacity: Sequence[int]) -> None:
+        """New zero parameters at ``capacity`` (same dtype, device and requires_grad flags)."""
         kw = {"device": self.core.device, "dtype": self.core.dtype}
 
-        def fresh(a: torch.Tensor, old: nn.Parameter) -> nn.Parameter:
-            data = a.detach().to(**kw).clone(memory_format=torch.contiguous_format)
-            return nn.Parameter(data, requires_grad=old.requires_grad)
+        def fresh(shape: tuple[int, ...], old: nn.Parameter) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(shape, **kw), requires_grad=old.requires_grad)
 
-        self.core = fresh(core, self.core)
-        for k, u in enumerate(factors):
-            self.factors[k] = fresh(u, self.factors[k])
+        capacity = tuple(int(c) for c in capacity)
+        self.core = fresh(capacity, self.core)
+        for k, (n, c) in enumerate(zip(self._weight_shape, capacity)):
+            self.factors[k] = fresh((n, c), self.factors[k])
+
+    def _write(self, core: torch.Tensor, factors: Sequence[torch.Tensor], ranks: Any) -> None:
+        """Write a true-rank (or padded, ``ranks`` given) weight into the parameters in place."""
+        ranks = tuple(int(r) for r in ranks)
+        live = tuple(slice(0, r) for r in ranks)
+        self.core.zero_()
+        self.core[live].copy_(core[live])
+        for u, f, r in zip(self.factors, factors, ranks):
+            u.zero_()
+            u[:, :r].copy_(f[:, :r])
+        self.rank_vector.copy_(torch.tensor(ranks, dtype=torch.int64))
+        self._host_ranks = ranks
+
+    def _commit(self, point: PaddedTucker, host_ranks: tuple[int, ...] | None) -> None:
+        """Install a padded point of this layer's capacity (an optimizer step; no host read).
+
+        ``host_ranks`` are the new ranks when the caller knows them on the host (None: they
+        stay on the device and the forward pass uses the whole capacity).
+        """
+        self.core.copy_(point.core)
+        for u, f in zip(self.factors, point.factors):
+            u.copy_(f)
+        self.rank_vector.copy_(point.ranks)
+        self._host_ranks = None if host_ranks is None else tuple(int(r) for r in host_ranks)
 
     # ------------------------------------------------------------------ dense forms and counts
     def dense_weight(self) -> torch.Tensor:
@@ -303,10 +409,17 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
         Allocates ``prod(weight_shape)`` entries: for tests, merging and export, never used by
         the forward pass.
         """
-        return tm.TuckerTensor(self.core, list(self.factors)).to_dense()
+        core, factors = self._weights()
+        return tm.TuckerTensor(core, factors).to_dense()
 
     def num_parameters(self) -> int:
-        """Parameters held now: core, factors and bias."""
+        """Parameters of the weight at its true ranks (core, factors) plus the bias."""
+        r = self.ranks
+        n = math.prod(r) + sum(n * k for n, k in zip(self._weight_shape, r))
+        return n + (self.bias.numel() if self.bias is not None else 0)
+
+    def num_parameters_stored(self) -> int:
+        """Entries held in memory: core and factors at the capacity, plus the bias."""
         n = self.core.numel() + sum(u.numel() for u in self.factors)
         return n + (self.bias.numel() if self.bias is not None else 0)
 
@@ -326,15 +439,17 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
         unexpected_keys: list,
         error_msgs: list,
     ) -> None:
-        """Resize ``core`` and ``factors`` to the saved ranks before the usual loading.
+        """Load a core and factors of any ranks the layer can hold.
 
-        A checkpoint saved after a rank change has other shapes than a fresh layer; when the
+        Checkpoints store the true ranks (the saved core and factors are trimmed). When the
         saved core and factors are consistent with each other and with :attr:`weight_shape`,
-        the parameters are first replaced by new ones of the saved shapes (see
-        :meth:`set_tucker` about optimizers), then loaded. Inconsistent shapes are left to
-        PyTorch's size-mismatch error.
+        they are zero-padded to the capacity if they fit it (the parameters keep their
+        identity), otherwise the parameters are first replaced by new ones at the saved ranks.
+        The ranks become the saved core's shape. Inconsistent shapes are left to PyTorch's
+        size-mismatch error.
         """
-        core = state_dict.get(prefix + "core")
+        key = prefix + "core"
+        core = state_dict.get(key)
         factors = [state_dict.get(f"{prefix}factors.{k}") for k in range(len(self.factors))]
         if (
             isinstance(core, torch.Tensor)
@@ -343,14 +458,17 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
             and all(
                 tuple(u.shape) == (n, r) for u, n, r in zip(factors, self._weight_shape, core.shape)
             )
-            and tuple(core.shape) != self.ranks
         ):
-            with torch.no_grad():
-                kw = {"device": self.core.device, "dtype": self.core.dtype}
-                self._replace(
-                    torch.empty(core.shape, **kw),
-                    [torch.empty(u.shape, **kw) for u in factors],
-                )
+            ranks = tuple(int(r) for r in core.shape)
+            if any(r > c for r, c in zip(ranks, self.capacity)):
+                with torch.no_grad():
+                    self._reallocate(ranks)
+            cap = self.capacity
+            state_dict[key] = _pad_to(core, cap)
+            for k, (u, c) in enumerate(zip(factors, cap)):
+                state_dict[f"{prefix}factors.{k}"] = _pad_to(u, (u.shape[0], c))
+            self.rank_vector.copy_(torch.tensor(ranks, dtype=torch.int64))
+            self._host_ranks = ranks
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -451,9 +569,9 @@ class TuckerLinear(AbstractTuckerLayer):
         return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u1, u2 = self.factors
+        core, (u1, u2) = self._weights()
         h = torch.matmul(x, u2)  # (..., r_2)
-        h = F.linear(h, self.core)  # (..., r_1)
+        h = F.linear(h, core)  # (..., r_1)
         return F.linear(h, u1, self.bias)  # (..., out), bias once
 
     @classmethod
@@ -634,8 +752,8 @@ class TuckerConv2d(AbstractTuckerLayer):
 
     def kernel(self) -> torch.Tensor:
         """The stage-2 kernel ``C ×_3 U_3 ×_4 U_4``, shape ``(r_1, r_2, k_h, k_w)``."""
-        _, _, u3, u4 = self.factors
-        return torch.einsum("abij,ki,lj->abkl", self.core, u3, u4)
+        core, (_, _, u3, u4) = self._weights()
+        return torch.einsum("abij,ki,lj->abkl", core, u3, u4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.ndim == 3
@@ -646,10 +764,10 @@ class TuckerConv2d(AbstractTuckerLayer):
                 f"TuckerConv2d expects input of shape (N, {self.in_channels}, H, W) or "
                 f"({self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        u1, u2 = self.factors[0], self.factors[1]
-        kernel = self.kernel()
+        core, (u1, u2, u3, u4) = self._weights()
+        kernel = torch.einsum("abij,ki,lj->abkl", core, u3, u4)
         n, c, hh, ww = x.shape
-        r1, r2 = self.ranks[0], self.ranks[1]
+        r1, r2 = u1.shape[1], u2.shape[1]
         cpu = x.device.type == "cpu"
         nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -780,7 +898,9 @@ def _groups_message(owner: str, groups: int, in_channels: int, out_channels: int
 
 def _copy_from_dense(layer: AbstractTuckerLayer, module: nn.Module, x: tm.TuckerTensor) -> None:
     with torch.no_grad():
-        layer._replace(x.core, x.factors)
+        if x.ranks != layer.capacity:  # ranks chosen by tolerance: a fresh layer is unpadded
+            layer._reallocate(x.ranks)
+        layer._write(x.core, list(x.factors), x.ranks)
         if layer.bias is not None:
             layer.bias.copy_(module.bias)
     requires_grad = module.weight.requires_grad
@@ -789,3 +909,27 @@ def _copy_from_dense(layer: AbstractTuckerLayer, module: nn.Module, x: tm.Tucker
     if layer.bias is not None:
         layer.bias.requires_grad_(module.bias.requires_grad)
     layer.train(module.training)
+
+
+def _pad_to(a: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zero-pad ``a`` at the end of each axis to ``shape``."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(a.shape) == shape:
+        return a
+    out = torch.zeros(shape, dtype=a.dtype, device=a.device)
+    out[tuple(slice(0, n) for n in a.shape)] = a
+    return out
+
+
+def _trim_saved_weight(module: AbstractTuckerLayer, state_dict: dict, prefix: str, _meta: Any):
+    """State-dict hook: save core and factors at the true ranks (small files, any capacity)."""
+    ranks = module.ranks
+    if ranks == module.capacity:
+        return
+    key = prefix + "core"
+    if key in state_dict:
+        state_dict[key] = state_dict[key][tuple(slice(0, r) for r in ranks)].clone()
+    for k, r in enumerate(ranks):
+        fk = f"{prefix}factors.{k}"
+        if fk in state_dict:
+            state_dict[fk] = state_dict[fk][:, :r].clone()
