@@ -68,6 +68,7 @@ from _common import CpuMonitor  # noqa: E402
 from torch import nn
 from tuckerman.integrations.torch import (
     TDLRT,
+    AbstractTuckerLayer,
     TuckerAdapterConfig,
     VisionTransformer,
     ViTConfig,
@@ -167,6 +168,24 @@ def pretrain(task: str, data: dict, args: argparse.Namespace, seed: int) -> nn.M
 
 def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def held_tucker_parameters(model: nn.Module) -> int:
+    """Trainable entries the model holds now: a Tucker layer counts what its forward evaluates
+    (its augmented point during TDLRT's second gradient evaluation, else its stored
+    parameters, at their capacity); every other trainable parameter as it is."""
+    total, seen = 0, set()
+    for m in model.modules():
+        if isinstance(m, AbstractTuckerLayer):
+            override = getattr(m, "_override", None)
+            if override is not None:
+                total += override[0].numel() + sum(u.numel() for u in override[1])
+            else:
+                total += m.core.numel() + sum(u.numel() for u in m.factors)
+            seen.update(id(p) for p in (m.core, *m.factors))
+    return total + sum(
+        p.numel() for p in model.parameters() if p.requires_grad and id(p) not in seen
+    )
 
 
 # --------------------------------------------------------------------------- LoRA (own)
@@ -325,7 +344,7 @@ def train_tucker(
     def closure_for(xb: torch.Tensor, yb: torch.Tensor) -> Callable[[], torch.Tensor]:
         def closure() -> torch.Tensor:
             nonlocal peak
-            peak = max(peak, trainable(model))  # the second call sees the augmented bases
+            peak = max(peak, held_tucker_parameters(model))  # the 2nd call: augmented bases
             opt.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
@@ -336,11 +355,12 @@ def train_tucker(
     for idx in batches(len(y), args.batch, args.epochs, seed):
         opt.step(closure_for(x[idx], y[idx]))
         steps += 1
-        history.append(trainable(model))
+        history.append(adapter_report(model)["adapter_parameters"])  # at the true ranks
+        peak = max(peak, held_tucker_parameters(model))
     return {
         "seconds": time.perf_counter() - start,
         "skipped_steps": steps - len(opt.rank_history),
-        "peak_trainable_parameters": max(peak, *history),
+        "peak_trainable_parameters": max(peak, *history),  # held, augmented or at capacity
         "peak_between_steps": max(history),
         "parameter_history": history,
     }
