@@ -595,6 +595,10 @@ def aggregate(rows: list[dict]) -> dict:
         "trainable_parameters_mean": params[0],
         "trainable_parameters_std": params[1],
         "peak_trainable_parameters_mean": peak[0],
+        "peak_between_steps_over_final_max": max(
+            r.get("peak_between_steps", r["peak_trainable_parameters"]) / r["trainable_parameters"]
+            for r in rows
+        ),
         "peak_over_final_max": max(
             r["peak_trainable_parameters"] / r["trainable_parameters"] for r in rows
         ),
@@ -606,20 +610,22 @@ def aggregate(rows: list[dict]) -> dict:
 
 
 def params_at_accuracy(curve: list[dict], acc: float) -> dict:
-    """The LoRA-family parameter count that reaches ``acc``: log-linear between sweep points."""
-    pts = sorted((c["trainable_parameters_mean"], c["test_accuracy_mean"]) for c in curve)
+    """The LoRA-family parameter count that reaches ``acc``: on the curve's upper envelope (the
+    best accuracy at no more parameters), log-linear between sweep points."""
+    pts, best = [], -1.0
+    for c in sorted(curve, key=lambda c: c["trainable_parameters_mean"]):
+        best = max(best, c["test_accuracy_mean"])
+        pts.append((c["trainable_parameters_mean"], best))
     if not pts:
         return {"parameters": None, "note": "no curve"}
     if pts[0][1] >= acc:
-        return {"parameters": pts[0][0], "note": "reached at the smallest rank (upper bound)"}
+        return {"parameters": pts[0][0], "note": "its smallest rank reaches it: ratio >= this"}
     for (p0, a0), (p1, a1) in zip(pts, pts[1:]):
         if a1 >= acc > a0:
             t = (acc - a0) / (a1 - a0)
-            return {
-                "parameters": math.exp(math.log(p0) + t * (math.log(p1) - math.log(p0))),
-                "note": "interpolated",
-            }
-    return {"parameters": pts[-1][0], "note": "not reached within the sweep (lower bound)"}
+            log_p = math.log(p0) + t * (math.log(p1) - math.log(p0))
+            return {"parameters": math.exp(log_p), "note": "interpolated"}
+    return {"parameters": pts[-1][0], "note": "no rank of the sweep reaches it: ratio <= this"}
 
 
 def summarize(runs: list[dict], robust: list[dict], model_params: int) -> dict:
@@ -726,8 +732,8 @@ def markdown(result: dict) -> str:
         + ")",
         "",
         "| method | `tau` / rank | test accuracy (%) | final trainable | % of model "
-        "| peak / final | time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| peak / final (in a step) | peak / final (between steps) | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["summary"]["rows"]:
         what = (
@@ -739,6 +745,7 @@ def markdown(result: dict) -> str:
             f"| {LABEL[r['method']]} | {what} | {100 * r['test_accuracy_mean']:.2f} ± "
             f"{100 * r['test_accuracy_std']:.2f} | {r['trainable_parameters_mean']:,.0f} | "
             f"{100 * r['final_over_model']:.2f} | {r['peak_over_final_max']:.2f} | "
+            f"{r['peak_between_steps_over_final_max']:.2f} | "
             f"{r['seconds_mean']:.0f} |"
         )
     lines += [
