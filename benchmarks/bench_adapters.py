@@ -786,6 +786,23 @@ STYLE = {
 }
 
 
+def decorate(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(results: list[dict], plot_dir: Path, stem: str) -> list[str]:
     import matplotlib
 
@@ -824,31 +841,19 @@ def plot(results: list[dict], plot_dir: Path, stem: str) -> list[str]:
         good = [a for a in accs if a >= 60] or accs
         ax.set_ylim(math.floor(min(good) - 1), 100)
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters at the end")
-        ax.set_ylabel("test accuracy, digits 5-9 (%)")
-        ax.set_title(f"{res['task']}: MNIST 0-4 → 5-9, mean ± std over seeds", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    main = plot_dir / f"{stem}.png"
-    fig.savefig(main, dpi=110)
-    plt.close(fig)
+        decorate(ax, "trainable parameters at the end", "test accuracy, digits 5-9 (%)",
+              f"{res['task']}: MNIST 0-4 → 5-9, mean ± std over seeds")  # fmt: skip
+    main = save(fig, plot_dir / f"{stem}.png")
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3.6), squeeze=False)
     for ax, res in zip(axes[0], results):
         for r in res["runs"]:
             if r["method"].startswith("tucker-") and r["seed"] == 1000 and r["tau"] == TUNE_TAU:
                 ax.plot(r["parameter_history"], label=f"{r['method']}, τ = {r['tau']:g}")
-        ax.set_xlabel("TDLRT step")
-        ax.set_ylabel("adapter parameters")
         ax.set_yscale("log")
-        ax.set_title(f"{res['task']}: Tucker adapter size during training (seed 0)", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    ranks = plot_dir / f"{stem}_ranks.png"
-    fig.savefig(ranks, dpi=110)
-    plt.close(fig)
+        decorate(ax, "TDLRT step", "adapter parameters",
+              f"{res['task']}: Tucker adapter size during training (seed 0)")  # fmt: skip
+    ranks = save(fig, plot_dir / f"{stem}_ranks.png")
     return [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in (main, ranks)]
 
 
