@@ -1,37 +1,50 @@
-"""Tucker adapters trained by TDLRT against LoRA and full fine-tuning (LeNet5, MNIST 0-4 → 5-9).
+"""Tucker adapters trained by TDLRT against LoRA, PEFT's LoRA and AdaLoRA, and full fine-tuning.
 
-Task: LeNet5 is pretrained on the bundled MNIST digits 0-4 (``tuckerman.datasets.load_mnist``,
-training split), then adapted to the digits 5-9, relabelled 0-4 (same 5-way head). Three ways
-to adapt, all on the same four layers (both convolutions and both linear layers) of the same
-pretrained model:
+Two tasks, both on the bundled MNIST digits (``tuckerman.datasets.load_mnist``): a model is
+pretrained on the digits 0-4 of the training split, then adapted to the digits 5-9, relabelled
+0-4 (same 5-way head; the last 15% of the 5-9 training digits are the validation split, the
+test split's 5-9 the test set):
 
-- ``tucker``: :func:`~tuckerman.integrations.torch.add_tucker_adapters` (zero-initialized
-  Tucker updates, initial channel ranks ``--rank0``) trained by the rank-adaptive ``TDLRT``
-  optimizer (inner SGD) at each tolerance ``--taus``; the base weights stay frozen.
-- ``lora``: ``W₀ + B·A`` on the same layers (``B = 0`` at the start, ``A`` Kaiming-uniform as in
-  LoRA; for a convolution ``A`` is a ``k×k`` conv to ``r`` channels and ``B`` a 1×1 conv, the
-  usual LoRA-for-conv), trained by Adam, with one rank ``r`` for all layers chosen so that its
-  trainable parameters match the Tucker adapter's *final* count in the same seed (the closest
-  ``r``). ``lora_sgd``: the same LoRA trained by plain SGD, the optimizer TDLRT uses here, to
-  separate the effect of the format from that of the optimizer.
-- ``full``: every parameter fine-tuned by Adam (the reference).
+- ``lenet``: LeNet5; adapters on both convolutions and both linear layers.
+- ``vit``: the compact :class:`~tuckerman.integrations.torch.VisionTransformer` (7×7 patches,
+  4 blocks of width 64, 4 heads), pretrained here with AdamW (no downloaded weights; the base
+  is regenerated deterministically per seed, in seconds); adapters on every attention
+  projection (the fused ``qkv``, one update over the fused weight as PEFT does, or one per
+  q/k/v slice with ``--vit-split-qkv``; ``proj``), both MLP layers and the head.
 
-Every method sees the same batches (seeded) for the same number of epochs. Each method's
-learning rate is picked in the same run from a small grid (``TUNE_GRID``; seed 0, Tucker at
-``tau = 0.1``, LoRA at rank 4) by the accuracy on a validation split (the last 15% of the 5-9
-training digits), never on the test digits; the reported accuracy is on the test split's
-digits 5-9. TDLRT uses inner SGD (with Adam the normalized core steps have a flat spectrum and
-the relative truncation keeps nearly every direction: the ranks run to their maximum).
+Methods, all on the same layers of the same pretrained model, the same batches and epochs:
 
-Over ``--seeds`` seeds (pretraining included), the script reports accuracy mean ± std,
-trainable parameters and the adaptation time, writes ``benchmarks/results/adapters.json``
-and the plots ``docs/img/benchmarks/adapters.png`` (accuracy against trainable parameters, time) and
-``docs/img/benchmarks/adapters_ranks.png`` (the Tucker adapters' parameters during training).
+- ``tucker-<inner>``: :func:`~tuckerman.integrations.torch.add_tucker_adapters` (zero update,
+  initial ranks ``--rank0``) trained by ``TDLRT(model, lr, tau, inner=<inner>)`` at each
+  ``--taus``; ``--tucker-inner sgd adam adamw`` chooses the inner optimizers (``adamw`` needs a
+  TDLRT that has it), ``--tucker-kwargs '{"max_rank": 16}'`` passes more options.
+- ``lora``: ``W₀ + B·A`` (``B = 0``, ``A`` Kaiming-uniform; for a convolution ``A`` a ``k×k`` conv
+  to ``r`` channels and ``B`` a 1×1 conv), trained by Adam, at each rank of ``--ranks``.
+- ``peft-lora`` and ``peft-adalora``: PEFT's ``LoraConfig`` (``lora_alpha = r``: scale 1, as the
+  others) and ``AdaLoraConfig`` (``init_r ≈ 1.5 target_r``, budget schedule over the run,
+  ``update_and_allocate`` after every step, PEFT's orthogonality penalty added to the loss),
+  trained by Adam, at each rank (AdaLoRA: ``target_r``) of ``--ranks``.
+- ``full``: every parameter fine-tuned by Adam.
 
-Run from the repository root (about 10-20 minutes on 2 shared CPU cores)::
+Every method's learning rate is chosen from a grid (``GRIDS``) by the accuracy on the validation
+split (seed 0; Tucker at ``tau = 0.1``, the LoRA family at rank 4), never on the test digits.
+Reported over ``--seeds`` seeds (pretraining included): test accuracy mean ± std; trainable
+parameters at the end and at the peak during training (Tucker: the augmented bases inside a
+step; AdaLoRA: the allocated ``init_r`` triplets, the end count being the unmasked ones); the
+LoRA rank closest in parameters to each Tucker row and the parameter ratio at equal accuracy
+(Tucker's count over the LoRA count that reaches Tucker's accuracy, interpolated on the LoRA
+curve); and the accuracy at 10× each method's chosen learning rate. A step whose loss or
+gradient is not finite is skipped by every method alike (counted as ``skipped_steps``).
 
-    nice -n 5 python benchmarks/bench_adapters.py
-    python benchmarks/bench_adapters.py --quick      # one seed, one tolerance, one epoch
+Results go to ``--out`` (default ``benchmarks/results/adapters.json``; an existing file is never
+replaced without ``--overwrite``). Each finished run is appended to ``<out>.partial.jsonl``, so
+a killed run resumes where it stopped (same settings; ``--fresh`` discards it). Plots:
+``docs/img/benchmarks/adapters*.png``.
+
+Run from the repository root (about 30-60 minutes per task on 2 shared CPU cores)::
+
+    nice -n 5 python benchmarks/bench_adapters.py --tucker-inner sgd adam
+    python benchmarks/bench_adapters.py --quick --out /tmp/adapters.json   # smoke run
 """
 
 from __future__ import annotations
@@ -40,48 +53,54 @@ import argparse
 import copy
 import json
 import math
+import os
+import re
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import _common  # noqa: E402
-import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import CpuMonitor  # noqa: E402
 from torch import nn
-from tuckerman.integrations.torch import TDLRT, adapter_report, add_tucker_adapters
+from tuckerman.integrations.torch import (
+    TDLRT,
+    AbstractTuckerLayer,
+    TuckerAdapterConfig,
+    VisionTransformer,
+    ViTConfig,
+    adapter_report,
+    add_tucker_adapters,
+    build_model,
+)
 
 from tuckerman.datasets import load_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "adapters.json"
 DEFAULT_PLOTS = ROOT / "docs" / "img" / "benchmarks"
-TARGETS = ["features.0", "features.3", "classifier.1", "classifier.3"]
+TASKS = ("lenet", "vit")
+# adapted layers, as PEFT target_modules (names or dotted suffixes) and for LoRA below
+TARGETS = {
+    "lenet": ["features.0", "features.3", "classifier.1", "classifier.3"],
+    "vit": ["qkv", "proj", "fc1", "fc2", "head"],
+}
+GRIDS = {
+    "tucker-sgd": [0.05, 0.1, 0.2],
+    "tucker-adam": [3e-4, 1e-3, 3e-3],
+    "tucker-adamw": [3e-4, 1e-3, 3e-3],
+    "lora": [1e-3, 3e-3, 1e-2, 3e-2],
+    "peft-lora": [1e-3, 3e-3, 1e-2, 3e-2],
+    "peft-adalora": [3e-3, 1e-2, 3e-2, 1e-1],
+    "full": [3e-4, 1e-3, 3e-3],
+}
+TUNE_TAU, TUNE_RANK = 0.1, 4
 
 
-# --------------------------------------------------------------------------- model and data
-def lenet5(num_classes: int) -> nn.Module:
-    """The package's LeNet5 when present, else the same architecture defined here."""
-    try:
-        from tuckerman.integrations.torch import build_model
-    except ImportError:
-        build_model = None
-    if build_model is not None:
-        return build_model("lenet5", 1, num_classes, 28)
-    model = nn.Module()
-    model.features = nn.Sequential(
-        nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(),
-        nn.MaxPool2d(2),
-    )  # fmt: skip
-    model.classifier = nn.Sequential(
-        nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, num_classes)
-    )
-    model.forward = lambda x: model.classifier(model.features(x))  # type: ignore[method-assign]
-    return model
-
-
+# --------------------------------------------------------------------------- data and models
 def split_data() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Digits 0-4 for pretraining; digits 5-9 (relabelled 0-4) split train / val / test."""
     xtr, ytr = (torch.from_numpy(a) for a in load_mnist("train"))
@@ -98,7 +117,13 @@ def split_data() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     }
 
 
-def batches(n: int, batch: int, epochs: int, seed: int):
+def new_model(task: str) -> nn.Module:
+    if task == "lenet":
+        return build_model("lenet5", 1, 5, 28)
+    return VisionTransformer(ViTConfig(num_classes=5))
+
+
+def batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
@@ -118,11 +143,57 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float
     return correct / len(y)
 
 
-# --------------------------------------------------------------------------- LoRA
+def pretrain(task: str, data: dict, args: argparse.Namespace, seed: int) -> nn.Module:
+    """Deterministic for a seed and thread count: the same base on every (resumed) run."""
+    torch.manual_seed(seed)
+    model = new_model(task)
+    x, y = data["pretrain"]
+    if task == "lenet":
+        epochs = args.pretrain_epochs
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        sched = None
+    else:
+        epochs = args.vit_pretrain_epochs
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+        steps = epochs * (len(y) // args.batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
+    for idx in batches(len(y), args.batch, epochs, seed):
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return model
+
+
+def trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def held_tucker_parameters(model: nn.Module) -> int:
+    """Trainable entries the model holds now: a Tucker layer counts what its forward evaluates
+    (its augmented point during TDLRT's second gradient evaluation, else its stored
+    parameters, at their capacity); every other trainable parameter as it is."""
+    total, seen = 0, set()
+    for m in model.modules():
+        if isinstance(m, AbstractTuckerLayer):
+            override = getattr(m, "_override", None)
+            if override is not None:
+                total += override[0].numel() + sum(u.numel() for u in override[1])
+            else:
+                total += m.core.numel() + sum(u.numel() for u in m.factors)
+            seen.update(id(p) for p in (m.core, *m.factors))
+    return total + sum(
+        p.numel() for p in model.parameters() if p.requires_grad and id(p) not in seen
+    )
+
+
+# --------------------------------------------------------------------------- LoRA (own)
 class LoRA(nn.Module):
-    """``base(x) + scale · B(A(x))`` on a frozen ``nn.Linear`` / ``nn.Conv2d`` (LoRA, Hu et al.
-    2021). For a convolution ``A`` is a ``k×k`` convolution ``C_in → r`` with the base stride,
-    padding and dilation and ``B`` a 1×1 convolution ``r → C_out``. ``B = 0`` at the start."""
+    """``base(x) + scale · B(A(x))`` on a frozen ``nn.Linear`` / ``nn.Conv2d`` (Hu et al. 2021).
+
+    For a convolution ``A`` is a ``k×k`` convolution ``C_in → r`` with the base stride, padding
+    and dilation and ``B`` a 1×1 convolution ``r → C_out``. ``B = 0`` at the start."""
 
     def __init__(self, base: nn.Module, rank: int, scale: float = 1.0) -> None:
         super().__init__()
@@ -145,191 +216,366 @@ class LoRA(nn.Module):
         return b(x) + self.scale * F.linear(F.linear(x, self.A), self.B)
 
 
-def per_rank_lora_parameters(model: nn.Module) -> int:
-    """LoRA parameters per unit of rank over the target layers: ``Σ (fan_in + C_out)``."""
-    total = 0
-    for name in TARGETS:
-        m = model.get_submodule(name)
-        w = m.weight
-        total += math.prod(w.shape[1:]) + w.shape[0]
-    return total
+def matching_names(model: nn.Module, targets: list[str]) -> list[str]:
+    """PEFT's rule: a module whose name equals a target or ends with ``"." + target``."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if type(m) in (nn.Linear, nn.Conv2d) and any(n == t or n.endswith("." + t) for t in targets)
+    ]
 
 
-def add_lora(model: nn.Module, rank: int) -> nn.Module:
+def add_lora(model: nn.Module, targets: list[str], rank: int) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in TARGETS:
+    for name in matching_names(model, targets):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRA(getattr(parent, child), rank))
     return model
 
 
+def lora_parameters(model: nn.Module, targets: list[str], rank: int) -> int:
+    """LoRA parameters at ``rank``: ``rank · Σ (fan_in + C_out)`` over the target layers."""
+    total = 0
+    for name in matching_names(model, targets):
+        w = model.get_submodule(name).weight
+        total += math.prod(w.shape[1:]) + w.shape[0]
+    return rank * total
+
+
+# --------------------------------------------------------------------------- PEFT
+def peft_model(base: nn.Module, targets: list[str], rank: int, kind: str, total_steps: int):
+    import peft
+
+    if kind == "lora":
+        cfg: Any = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
+    else:
+        cfg = peft.AdaLoraConfig(
+            init_r=max(rank + 1, round(1.5 * rank)),
+            target_r=rank,
+            lora_alpha=rank,
+            target_modules=targets,
+            tinit=max(1, total_steps // 10),
+            tfinal=max(1, total_steps // 5),
+            deltaT=5,
+            total_step=total_steps,
+        )
+    return peft.get_peft_model(base, cfg)
+
+
+def adalora_orth_penalty(model: nn.Module) -> torch.Tensor:
+    """PEFT's AdaLoRA regularizer (added by PEFT only to transformers outputs with a loss)."""
+    terms = []
+    for n, p in model.named_parameters():
+        if p.requires_grad and ("lora_A" in n or "lora_B" in n):
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+            terms.append(torch.linalg.matrix_norm(cov - eye))
+    return torch.stack(terms).mean()
+
+
+def adalora_parameters(model: nn.Module) -> tuple[int, int]:
+    """(allocated, kept): AdaLoRA's triplets ``(A row, E entry, B column)`` over its layers."""
+    allocated = kept = 0
+    for n, p in model.named_parameters():
+        if "lora_E" in n:
+            prefix = n.rsplit("lora_E", 1)[0]
+            a = model.get_parameter(n.replace("lora_E", "lora_A"))
+            b = model.get_parameter(n.replace("lora_E", "lora_B"))
+            per = a.shape[1] + b.shape[0] + 1
+            allocated += p.numel() * per
+            kept += int((p != 0).sum()) * per
+            del prefix
+    return allocated, kept
+
+
 # --------------------------------------------------------------------------- training
-def cross_entropy_closure(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
+def finite(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    if not bool(torch.isfinite(loss)):
+        return False
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
 
 
-def train_adam(model, data, epochs, lr, batch, seed, optimizer: str = "adam") -> float:
+def train_adam(
+    model: nn.Module,
+    data: tuple,
+    args: argparse.Namespace,
+    lr: float,
+    seed: int,
+    after_step: Callable[[int], None] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr)
     x, y = data
+    skipped = 0
     start = time.perf_counter()
-    for idx in batches(len(y), batch, epochs, seed):
-        opt.step(cross_entropy_closure(model, opt, x[idx], y[idx]))
-    return time.perf_counter() - start
+    for step, idx in enumerate(batches(len(y), args.batch, args.epochs, seed)):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        if penalty is not None:
+            loss = loss + 0.5 * penalty()
+        loss.backward()
+        if finite(loss, params):
+            opt.step()
+        else:
+            skipped += 1
+        if after_step is not None:
+            after_step(step)
+    return {"seconds": time.perf_counter() - start, "skipped_steps": skipped}
 
 
-def train_tucker(model, data, epochs, lr, tau, batch, seed) -> tuple[float, list[int]]:
-    # inner SGD: with Adam the normalized core steps have a flat singular spectrum, so the
-    # relative truncation keeps almost every new direction and the ranks run to the maximum
-    opt = TDLRT(model, lr=lr, tau=tau, inner="sgd")
+def train_tucker(
+    model: nn.Module,
+    data: tuple,
+    args: argparse.Namespace,
+    inner: str,
+    lr: float,
+    tau: float,
+    seed: int,
+) -> dict:
+    opt = TDLRT(model, lr=lr, tau=tau, inner=inner, on_nonfinite="skip", **args.tucker_kwargs)
     x, y = data
-    sizes = []
+    history, peak = [], 0
     start = time.perf_counter()
-    for idx in batches(len(y), batch, epochs, seed):
-        opt.step(cross_entropy_closure(model, opt, x[idx], y[idx]))
-        sizes.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
-    return time.perf_counter() - start, sizes
+    steps = 0
+
+    def closure_for(xb: torch.Tensor, yb: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def closure() -> torch.Tensor:
+            nonlocal peak
+            peak = max(peak, held_tucker_parameters(model))  # the 2nd call: augmented bases
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            return loss
+
+        return closure
+
+    for idx in batches(len(y), args.batch, args.epochs, seed):
+        opt.step(closure_for(x[idx], y[idx]))
+        steps += 1
+        history.append(adapter_report(model)["adapter_parameters"])  # at the true ranks
+        peak = max(peak, held_tucker_parameters(model))
+    return {
+        "seconds": time.perf_counter() - start,
+        "skipped_steps": steps - len(opt.rank_history),
+        "peak_trainable_parameters": max(peak, *history),  # held, augmented or at capacity
+        "peak_between_steps": max(history),
+        "parameter_history": history,
+    }
 
 
-def pretrain(data, args, seed) -> nn.Module:
+def run_one(
+    task: str,
+    base: nn.Module,
+    data: dict,
+    args,
+    method: str,
+    lr: float,
+    seed: int,
+    tau: float | None = None,
+    rank: int | None = None,
+) -> dict:
+    """Adapt a copy of ``base`` by one method; accuracy, parameters, time."""
+    targets = TARGETS[task]
     torch.manual_seed(seed)
-    model = lenet5(5)
-    train_adam(model, data["pretrain"], args.pretrain_epochs, 1e-3, args.batch, seed)
-    return model
-
-
-def trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def run_seed(data, args, seed: int, base: nn.Module | None = None) -> dict:
-    base = pretrain(data, args, seed) if base is None else base
-    out: dict[str, Any] = {
-        "seed": seed,
-        "pretrain_accuracy_0_4": accuracy(base, data["pretrain_test"]),
-        "zero_shot_accuracy_5_9": accuracy(base, data["test"]),
-        "runs": [],
-    }
-    adapt_seed = 1000 + seed
-    for tau in args.taus:
-        torch.manual_seed(adapt_seed)
-        model = add_tucker_adapters(copy.deepcopy(base), TARGETS, ranks=args.rank0)
-        seconds, sizes = train_tucker(
-            model, data["adapt"], args.epochs, args.lr_tucker, tau, args.batch, adapt_seed
-        )
-        report = adapter_report(model)
-        tucker_params = report["adapter_parameters"]
-        run = {
-            "method": "tucker",
-            "tau": tau,
-            "trainable_parameters": tucker_params,
-            "max_trainable_parameters": max(sizes),
-            "ranks": {layer["name"]: layer["ranks"] for layer in report["layers"]},
-            "parameter_history": sizes,
-            "seconds": seconds,
-            "val_accuracy": accuracy(model, data["val"]),
-            "test_accuracy": accuracy(model, data["test"]),
-        }
-        out["runs"].append(run)
-        print(f"  seed {seed} tucker tau={tau}: {fmt_run(run)}", flush=True)
-
-        per_rank = per_rank_lora_parameters(base)
-        rank = max(1, round(tucker_params / per_rank))
-        torch.manual_seed(adapt_seed)
-        model = add_lora(copy.deepcopy(base), rank)
-        seconds = train_adam(
-            model, data["adapt"], args.epochs, args.lr_lora, args.batch, adapt_seed
-        )
-        run = {
-            "method": "lora",
-            "matched_to_tau": tau,
-            "rank": rank,
-            "trainable_parameters": trainable(model),
-            "seconds": seconds,
-            "val_accuracy": accuracy(model, data["val"]),
-            "test_accuracy": accuracy(model, data["test"]),
-        }
-        out["runs"].append(run)
-        print(f"  seed {seed} lora r={rank}: {fmt_run(run)}", flush=True)
-
-        torch.manual_seed(adapt_seed)  # the same LoRA with plain SGD, the optimizer TDLRT uses
-        model = add_lora(copy.deepcopy(base), rank)
-        seconds = train_adam(
-            model, data["adapt"], args.epochs, args.lr_lora_sgd, args.batch, adapt_seed, "sgd"
-        )
-        run = {
-            "method": "lora_sgd",
-            "matched_to_tau": tau,
-            "rank": rank,
-            "trainable_parameters": trainable(model),
-            "seconds": seconds,
-            "val_accuracy": accuracy(model, data["val"]),
-            "test_accuracy": accuracy(model, data["test"]),
-        }
-        out["runs"].append(run)
-        print(f"  seed {seed} lora (SGD) r={rank}: {fmt_run(run)}", flush=True)
-
-    torch.manual_seed(adapt_seed)
     model = copy.deepcopy(base)
-    seconds = train_adam(model, data["adapt"], args.epochs, args.lr_full, args.batch, adapt_seed)
-    run = {
-        "method": "full",
-        "trainable_parameters": trainable(model),
-        "seconds": seconds,
-        "val_accuracy": accuracy(model, data["val"]),
-        "test_accuracy": accuracy(model, data["test"]),
-    }
-    out["runs"].append(run)
-    print(f"  seed {seed} full: {fmt_run(run)}", flush=True)
+    steps = args.epochs * (len(data["adapt"][1]) // args.batch)
+    out: dict[str, Any] = {"method": method, "lr": lr, "seed": seed, "tau": tau, "rank": rank}
+    if method.startswith("tucker-"):
+        splits = {"qkv": 3} if task == "vit" and args.vit_split_qkv else {}
+        cfg = TuckerAdapterConfig(targets, ranks=args.rank0, fused_splits=splits)
+        model = add_tucker_adapters(model, cfg)
+        out.update(train_tucker(model, data["adapt"], args, method[7:], lr, tau, seed))
+        report = adapter_report(model)
+        out["trainable_parameters"] = report["adapter_parameters"]
+        out["ranks"] = {layer["name"]: layer["ranks"] for layer in report["layers"]}
+    elif method == "lora":
+        model = add_lora(model, targets, rank)
+        out.update(train_adam(model, data["adapt"], args, lr, seed))
+        out["trainable_parameters"] = out["peak_trainable_parameters"] = trainable(model)
+    elif method in ("peft-lora", "peft-adalora"):
+        kind = method[5:]
+        model = peft_model(model, targets, rank, kind, steps)
+        hook = penalty = None
+        if kind == "adalora":
+            hook = model.base_model.update_and_allocate
+
+            def penalty():
+                return adalora_orth_penalty(model)
+
+        out.update(train_adam(model, data["adapt"], args, lr, seed, hook, penalty))
+        if kind == "adalora":
+            allocated, kept = adalora_parameters(model)
+            out["trainable_parameters"], out["peak_trainable_parameters"] = kept, allocated
+            out["allocated_parameters"] = trainable(model)
+        else:
+            out["trainable_parameters"] = out["peak_trainable_parameters"] = trainable(model)
+    elif method == "full":
+        out.update(train_adam(model, data["adapt"], args, lr, seed))
+        out["trainable_parameters"] = out["peak_trainable_parameters"] = trainable(model)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    out["val_accuracy"] = accuracy(model, data["val"])
+    out["test_accuracy"] = accuracy(model, data["test"])
     return out
 
 
-TUNE_GRID = {
-    "tucker": [0.05, 0.1, 0.2, 0.4],  # TDLRT, inner SGD, tau = 0.1
-    "lora": [1e-3, 3e-3, 1e-2, 3e-2],  # Adam, rank 4 (about the Tucker adapter's size)
-    "lora_sgd": [0.1, 0.3, 1.0],  # SGD, rank 4
-    "full": [3e-4, 1e-3, 3e-3],  # Adam
-}
+# --------------------------------------------------------------------------- resumable runs
+# the settings a finished run depends on: a resumed study reuses runs whose key (task, kind,
+# method, lr, tau, rank, seed) it needs when these agree (more seeds, taus or ranks may be added)
+RESULT_SETTINGS = (
+    "epochs", "batch", "rank0", "pretrain_epochs", "vit_pretrain_epochs", "vit_split_qkv",
+    "threads", "tucker_kwargs",
+)  # fmt: skip
 
 
-def tune(data, args, base: nn.Module) -> dict:
-    """Validation accuracy over the learning-rate grids (seed 0; never the test digits)."""
-    results: dict[str, list] = {k: [] for k in TUNE_GRID}
-    for lr in TUNE_GRID["tucker"]:
-        torch.manual_seed(1000)
-        model = add_tucker_adapters(copy.deepcopy(base), TARGETS, ranks=args.rank0)
-        train_tucker(model, data["adapt"], args.epochs, lr, 0.1, args.batch, 1000)
-        params = adapter_report(model)["adapter_parameters"]
-        results["tucker"].append((lr, accuracy(model, data["val"]), params))
-        print(f"  tucker lr={lr:g}: val {results['tucker'][-1][1]:.4f}, {params} params")
-    for method in ("lora", "lora_sgd", "full"):
-        for lr in TUNE_GRID[method]:
-            torch.manual_seed(1000)
-            model = copy.deepcopy(base)
-            if method != "full":
-                model = add_lora(model, 4)
-            kind = "sgd" if method == "lora_sgd" else "adam"
-            train_adam(model, data["adapt"], args.epochs, lr, args.batch, 1000, kind)
-            results[method].append((lr, accuracy(model, data["val"]), trainable(model)))
-            print(f"  {method} lr={lr:g}: val {results[method][-1][1]:.4f}")
-    best = {k: max(v, key=lambda t: t[1])[0] for k, v in results.items()}
-    print(f"best learning rates on the validation split: {best}")
-    return {"grid": results, "best": best}
+def _run_key(key: str) -> str:
+    """A run is its task, method, lr, tau, rank and seed: the tuning run of the chosen lr is
+    also the seed-0 main run (keys written with the kind, ``/tune/`` etc., are read as well)."""
+    return re.sub(r"/(tune|main|robust)/", "/", key, count=1)
 
 
-def fmt_run(run: dict) -> str:
+class Progress:
+    """Finished runs, appended one JSON line each to ``<out>.partial.jsonl`` (resume)."""
+
+    def __init__(self, path: Path, settings: dict, fresh: bool, dry: bool = False) -> None:
+        self.path, self.done, self.dry = path, {}, dry
+        if dry and not path.exists():
+            raise SystemExit(f"--from-partial: {path} does not exist")
+        if path.exists() and fresh:
+            path.unlink()
+        if path.exists():
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            saved = lines[0].get("settings", {}) if lines else {}
+            if any(saved.get(k) != settings.get(k) for k in RESULT_SETTINGS):
+                raise SystemExit(
+                    f"{path} holds runs made with other {RESULT_SETTINGS}; pass --fresh to "
+                    "discard them, or the same settings to resume"
+                )
+            self.done = {_run_key(line["key"]): line["result"] for line in lines[1:]}
+            print(f"resuming: {len(self.done)} runs already in {path}", flush=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"settings": settings}) + "\n")
+
+    def get(self, key: str, compute: Callable[[], dict]) -> dict | None:
+        """The stored result, else ``compute()``'s (stored); None in a dry (report-only) run."""
+        if key not in self.done and self.dry:
+            return None
+        if key not in self.done:
+            result = compute()
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"key": key, "result": result}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.done[key] = result
+        return self.done[key]
+
+
+# --------------------------------------------------------------------------- the study
+def methods(args) -> list[str]:
+    return [f"tucker-{i}" for i in args.tucker_inner] + [
+        m for m in ("lora", "peft-lora", "peft-adalora", "full") if m in args.methods
+    ]
+
+
+def fmt(run: dict) -> str:
     return (
-        f"test acc {100 * run['test_accuracy']:.2f}%  val {100 * run['val_accuracy']:.2f}%  "
-        f"params {run['trainable_parameters']:,}  {run['seconds']:.1f} s"
+        f"test {100 * run['test_accuracy']:.2f}%  val {100 * run['val_accuracy']:.2f}%  "
+        f"params {run['trainable_parameters']:,} (peak {run['peak_trainable_parameters']:,})  "
+        f"{run['seconds']:.1f} s"
+        + (f"  skipped {run['skipped_steps']}" if run["skipped_steps"] else "")
     )
+
+
+def study(task: str, data: dict, args, progress: Progress) -> dict:
+    """Tuning, then per seed the main runs and the 10x-lr runs (so a stopped study has whole
+    seeds); in a dry run (``--from-partial``) only the runs already done."""
+    bases: dict[int, nn.Module] = {}
+    seconds: dict[int, float] = {}
+
+    def base(seed: int) -> nn.Module:
+        if seed not in bases:
+            start = time.perf_counter()
+            bases[seed] = pretrain(task, data, args, seed)
+            seconds[seed] = time.perf_counter() - start
+        return bases[seed]
+
+    def pretrain_stats(seed: int) -> dict:
+        model = base(seed)
+        return {
+            "seed": seed,
+            "seconds": seconds[seed],
+            "accuracy_0_4": accuracy(model, data["pretrain_test"]),
+            "zero_shot_accuracy_5_9": accuracy(model, data["test"]),
+        }
+
+    def run(kind: str, method: str, lr: float, seed: int, tau=None, rank=None) -> dict | None:
+        key = f"{task}/{method}/lr={lr:g}/tau={tau}/rank={rank}/seed={seed}"
+        result = progress.get(
+            key,
+            lambda: run_one(task, base(seed), data, args, method, lr, 1000 + seed, tau, rank),
+        )
+        if result is not None:
+            print(
+                f"[{task}] {kind} {method} lr={lr:g} tau={tau} r={rank} seed={seed}: {fmt(result)}",
+                flush=True,
+            )
+        return result
+
+    def shape(method: str) -> dict:
+        if method.startswith("tucker-"):
+            return {"tau": TUNE_TAU}
+        return {"rank": TUNE_RANK} if method != "full" else {}
+
+    best: dict[str, float] = {}
+    grid: dict[str, list] = {}
+    for method in methods(args):
+        if args.no_tune:
+            best[method] = args.lr[method]
+            continue
+        rows = [run("tune", method, lr, 0, **shape(method)) for lr in args.grids[method]]
+        done = [r for r in rows if r is not None]
+        if len(done) < len(rows):
+            print(f"[{task}] {method}: learning-rate grid unfinished, left out", flush=True)
+            continue
+        grid[method] = [(r["lr"], r["val_accuracy"], r["trainable_parameters"]) for r in done]
+        best[method] = max(done, key=lambda r: r["val_accuracy"])["lr"]
+    print(f"[{task}] learning rates chosen on the validation split: {best}", flush=True)
+
+    runs, robust, pretraining = [], [], []
+    for seed in range(args.seeds):
+        stats = progress.get(f"{task}/pretrain/seed={seed}", lambda seed=seed: pretrain_stats(seed))
+        if stats is not None:
+            pretraining.append(stats)
+            print(f"[{task}] pretrained seed {seed}: {stats}", flush=True)
+        for method in best:
+            if method.startswith("tucker-"):
+                runs += [run("main", method, best[method], seed, tau=tau) for tau in args.taus]
+            elif method == "full":
+                runs.append(run("main", method, best[method], seed))
+            else:
+                ranks = args.method_ranks.get(method, args.ranks)
+                runs += [run("main", method, best[method], seed, rank=r) for r in ranks]
+        if not args.no_robustness:
+            for method in [m for m in best if m not in args.no_robustness_for]:
+                robust.append(run("robust", method, 10 * best[method], seed, **shape(method)))
+    runs = [r for r in runs if r is not None]
+    robust = [r for r in robust if r is not None]
+    full_model = trainable(new_model(task))
+    return {
+        "task": task,
+        "targets": TARGETS[task],
+        "model_parameters": full_model,
+        "pretraining": pretraining,
+        "learning_rates": best,
+        "learning_rate_grid": grid,
+        "runs": runs,
+        "robustness_runs": robust,
+        "summary": summarize(runs, robust, full_model),
+    }
 
 
 # --------------------------------------------------------------------------- summary
@@ -337,203 +583,419 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(seeds: list[dict], taus: list[float]) -> list[dict]:
+def aggregate(rows: list[dict]) -> dict:
+    acc = mean_std([r["test_accuracy"] for r in rows])
+    params = mean_std([float(r["trainable_parameters"]) for r in rows])
+    peak = mean_std([float(r["peak_trainable_parameters"]) for r in rows])
+    secs = mean_std([r["seconds"] for r in rows])
+    return {
+        "test_accuracy_mean": acc[0],
+        "test_accuracy_std": acc[1],
+        "val_accuracy_mean": mean_std([r["val_accuracy"] for r in rows])[0],
+        "trainable_parameters_mean": params[0],
+        "trainable_parameters_std": params[1],
+        "peak_trainable_parameters_mean": peak[0],
+        "peak_between_steps_over_final_max": max(
+            r.get("peak_between_steps", r["peak_trainable_parameters"]) / r["trainable_parameters"]
+            for r in rows
+        ),
+        "peak_over_final_max": max(
+            r["peak_trainable_parameters"] / r["trainable_parameters"] for r in rows
+        ),
+        "seconds_mean": secs[0],
+        "seconds_std": secs[1],
+        "skipped_steps": sum(r["skipped_steps"] for r in rows),
+        "n": len(rows),
+    }
+
+
+def params_at_accuracy(curve: list[dict], acc: float) -> dict:
+    """The LoRA-family parameter count that reaches ``acc``: on the curve's upper envelope (the
+    best accuracy at no more parameters), log-linear between sweep points."""
+    pts, best = [], -1.0
+    for c in sorted(curve, key=lambda c: c["trainable_parameters_mean"]):
+        best = max(best, c["test_accuracy_mean"])
+        pts.append((c["trainable_parameters_mean"], best))
+    if not pts:
+        return {"parameters": None, "note": "no curve"}
+    if pts[0][1] >= acc:
+        return {"parameters": pts[0][0], "note": "its smallest rank reaches it: ratio >= this"}
+    for (p0, a0), (p1, a1) in zip(pts, pts[1:]):
+        if a1 >= acc > a0:
+            t = (acc - a0) / (a1 - a0)
+            log_p = math.log(p0) + t * (math.log(p1) - math.log(p0))
+            return {"parameters": math.exp(log_p), "note": "interpolated"}
+    return {"parameters": pts[-1][0], "note": "no rank of the sweep reaches it: ratio <= this"}
+
+
+def summarize(runs: list[dict], robust: list[dict], model_params: int) -> dict:
     rows = []
-    keys = [(m, t) for m in ("tucker", "lora", "lora_sgd") for t in taus] + [("full", None)]
-    for method, tau in keys:
-        runs = [
-            r
-            for s in seeds
-            for r in s["runs"]
-            if r["method"] == method and r.get("tau", r.get("matched_to_tau")) == tau
-        ]
-        acc = mean_std([r["test_accuracy"] for r in runs])
-        params = mean_std([float(r["trainable_parameters"]) for r in runs])
-        secs = mean_std([r["seconds"] for r in runs])
-        row = {
-            "method": method,
-            "tau": tau,
-            "test_accuracy_mean": acc[0],
-            "test_accuracy_std": acc[1],
-            "val_accuracy_mean": mean_std([r["val_accuracy"] for r in runs])[0],
-            "trainable_parameters_mean": params[0],
-            "trainable_parameters_std": params[1],
-            "seconds_mean": secs[0],
-            "seconds_std": secs[1],
-            "n": len(runs),
-        }
-        if method in ("lora", "lora_sgd"):
-            row["ranks"] = [r["rank"] for r in runs]
-        if method == "tucker":
-            row["final_ranks_seed0"] = runs[0]["ranks"]
+    order = [*GRIDS]  # tucker first, then the LoRA family, then full fine-tuning
+    keys = sorted(
+        {(r["method"], r["tau"], r["rank"]) for r in runs},
+        key=lambda k: (order.index(k[0]), k[1] or 0.0, k[2] or 0),
+    )
+    for method, tau, rank in keys:
+        sel = [r for r in runs if (r["method"], r["tau"], r["rank"]) == (method, tau, rank)]
+        row = {"method": method, "tau": tau, "rank": rank, **aggregate(sel)}
+        row["final_over_model"] = row["trainable_parameters_mean"] / model_params
         rows.append(row)
-    return rows
+    curves = {
+        m: [r for r in rows if r["method"] == m] for m in ("lora", "peft-lora", "peft-adalora")
+    }
+    for row in rows:
+        if not row["method"].startswith("tucker-"):
+            continue
+        comparisons = {}
+        for m, curve in curves.items():
+            if not curve:
+                continue
+            closest = min(
+                curve,
+                key=lambda c: abs(
+                    math.log(c["trainable_parameters_mean"] / row["trainable_parameters_mean"])
+                ),
+            )
+            equal = params_at_accuracy(curve, row["test_accuracy_mean"])
+            comparisons[m] = {
+                "closest_rank": closest["rank"],
+                "closest_parameters": closest["trainable_parameters_mean"],
+                "closest_test_accuracy_mean": closest["test_accuracy_mean"],
+                "closest_test_accuracy_std": closest["test_accuracy_std"],
+                "accuracy_difference": row["test_accuracy_mean"] - closest["test_accuracy_mean"],
+                "parameters_at_equal_accuracy": equal["parameters"],
+                "parameter_ratio_at_equal_accuracy": (
+                    None
+                    if equal["parameters"] is None
+                    else row["trainable_parameters_mean"] / equal["parameters"]
+                ),
+                "note": equal["note"],
+            }
+        row["vs"] = comparisons
+    robustness = []
+    for method in sorted({r["method"] for r in robust}):
+        sel = [r for r in robust if r["method"] == method]
+        robustness.append({"method": method, "lr": sel[0]["lr"], **aggregate(sel)})
+    return {"rows": rows, "robustness": robustness}
 
 
-def print_table(rows: list[dict], full_params: int) -> None:
-    head = f"{'method':<9} {'tau':>5} {'test acc (%)':>15} {'trainable':>18} {'% of full':>9} "
-    head += f"{'time (s)':>12}"
+def print_summary(result: dict) -> None:
+    task, model_params = result["task"], result["model_parameters"]
+    print(f"\n== {task}: {model_params:,} parameters; chosen lr {result['learning_rates']}")
+    head = (
+        f"{'method':<13} {'tau':>5} {'r':>3} {'test acc (%)':>14} {'final params':>17} "
+        f"{'% model':>8} {'peak/final':>10} {'time (s)':>9}"
+    )
     print(head)
     print("-" * len(head))
-    for r in rows:
-        tau = "" if r["tau"] is None else f"{r['tau']:g}"
-        label = r["method"] + ("*" if r["method"].startswith("lora") else "")
+    for r in result["summary"]["rows"]:
         print(
-            f"{label:<9} {tau:>5} "
-            f"{100 * r['test_accuracy_mean']:>8.2f} ± {100 * r['test_accuracy_std']:<4.2f} "
-            f"{r['trainable_parameters_mean']:>10,.0f} ± {r['trainable_parameters_std']:<5,.0f} "
-            f"{100 * r['trainable_parameters_mean'] / full_params:>8.2f}% "
-            f"{r['seconds_mean']:>6.1f} ± {r['seconds_std']:<4.1f}"
+            f"{r['method']:<13} {'' if r['tau'] is None else r['tau']:>5} "
+            f"{'' if r['rank'] is None else r['rank']:>3} "
+            f"{100 * r['test_accuracy_mean']:>7.2f} ± {100 * r['test_accuracy_std']:<4.2f} "
+            f"{r['trainable_parameters_mean']:>9,.0f} ± {r['trainable_parameters_std']:<6,.0f} "
+            f"{100 * r['final_over_model']:>7.2f}% {r['peak_over_final_max']:>10.2f} "
+            f"{r['seconds_mean']:>9.1f}"
         )
-    print("lora*: rank matched to the Tucker adapter's final parameter count at that tau")
-    print("(lora: Adam; lora_sgd: plain SGD, as TDLRT's inner optimizer; full: Adam)")
+        for m, c in r.get("vs", {}).items():
+            ratio = c["parameter_ratio_at_equal_accuracy"]
+            print(
+                f"    vs {m:<12} closest r={c['closest_rank']}: "
+                f"{100 * c['accuracy_difference']:+.2f} pts; params ratio at equal accuracy "
+                f"{ratio:.2f} ({c['note']})"
+            )
+    print("robustness at 10x the chosen learning rate:")
+    for r in result["summary"]["robustness"]:
+        print(
+            f"  {r['method']:<13} lr={r['lr']:g}: {100 * r['test_accuracy_mean']:.2f} ± "
+            f"{100 * r['test_accuracy_std']:.2f}%  skipped steps {r['skipped_steps']}"
+        )
 
 
-def plot(rows: list[dict], seeds: list[dict], taus: list[float], plot_dir: Path) -> list[str]:
+LABEL = {
+    "tucker-sgd": "Tucker, TDLRT (SGD)",
+    "tucker-adam": "Tucker, TDLRT (inner Adam, before the geometric Adam)",
+    "tucker-adamw": "Tucker, TDLRT (inner AdamW)",
+    "lora": "LoRA (Adam)",
+    "peft-lora": "PEFT LoRA (Adam)",
+    "peft-adalora": "PEFT AdaLoRA (Adam)",
+    "full": "full fine-tuning (Adam)",
+}
+
+
+def markdown(result: dict) -> str:
+    """The docs' tables for one task (``--markdown``)."""
+    model = result["model_parameters"]
+    lines = [
+        f"**{result['task']}** ({model:,} parameters; learning rates chosen on validation: "
+        + ", ".join(f"{m} {lr:g}" for m, lr in result["learning_rates"].items())
+        + ")",
+        "",
+        "| method | `tau` / rank | test accuracy (%) | final trainable | % of model "
+        "| peak / final (in a step) | peak / final (between steps) | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["summary"]["rows"]:
+        what = (
+            f"τ = {r['tau']:g}"
+            if r["tau"] is not None
+            else ("" if r["rank"] is None else f"r = {r['rank']}")
+        )
+        lines.append(
+            f"| {LABEL[r['method']]} | {what} | {100 * r['test_accuracy_mean']:.2f} ± "
+            f"{100 * r['test_accuracy_std']:.2f} | {r['trainable_parameters_mean']:,.0f} | "
+            f"{100 * r['final_over_model']:.2f} | {r['peak_over_final_max']:.2f} | "
+            f"{r['peak_between_steps_over_final_max']:.2f} | "
+            f"{r['seconds_mean']:.0f} |"
+        )
+    lines += [
+        "",
+        "| Tucker row | against | closest rank (params) | accuracy difference (points) "
+        "| parameter ratio at equal accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["summary"]["rows"]:
+        for m, c in r.get("vs", {}).items():
+            ratio = c["parameter_ratio_at_equal_accuracy"]
+            lines.append(
+                f"| {LABEL[r['method']]}, τ = {r['tau']:g} | {LABEL[m]} | r = {c['closest_rank']} "
+                f"({c['closest_parameters']:,.0f}) | {100 * c['accuracy_difference']:+.2f} | "
+                f"{'n/a' if ratio is None else f'{ratio:.2f}'} ({c['note']}) |"
+            )
+    lines += [
+        "",
+        "| method, at 10× its chosen learning rate | lr | test accuracy (%) | skipped steps |",
+        "|---|---|---|---|",
+    ]
+    for r in result["summary"]["robustness"]:
+        lines.append(
+            f"| {LABEL[r['method']]} | {r['lr']:g} | {100 * r['test_accuracy_mean']:.2f} ± "
+            f"{100 * r['test_accuracy_std']:.2f} | {r['skipped_steps']} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+STYLE = {
+    "tucker-sgd": ("o-", "Tucker (TDLRT, SGD)"),
+    "tucker-adam": ("o--", "Tucker (TDLRT, inner Adam)"),
+    "tucker-adamw": ("o-.", "Tucker (TDLRT, inner AdamW)"),
+    "lora": ("s-", "LoRA (Adam)"),
+    "peft-lora": ("x:", "PEFT LoRA (Adam)"),
+    "peft-adalora": ("d-", "PEFT AdaLoRA (Adam)"),
+}
+
+
+def decorate(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot(results: list[dict], plot_dir: Path, stem: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plot_dir.mkdir(parents=True, exist_ok=True)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {
-        "tucker": ("o-", "Tucker adapter (TDLRT, SGD)"),
-        "lora": ("s--", "LoRA, matched (Adam)"),
-        "lora_sgd": ("d:", "LoRA, matched (SGD)"),
-    }
-    # a diverged run (plain SGD) would squash the axis: crop it and say what is below
-    accs = [100 * r["test_accuracy_mean"] for r in rows]
-    good = [a for a in accs if a >= 80.0] or accs
-    low = math.floor(min(good) - 1.5)
-    for method, (style, label) in styles.items():
-        every = [r for r in rows if r["method"] == method]
-        sel = [r for r in every if 100 * r["test_accuracy_mean"] >= low]
-        ax.errorbar(
-            [r["trainable_parameters_mean"] for r in sel],
-            [100 * r["test_accuracy_mean"] for r in sel],
-            xerr=[r["trainable_parameters_std"] for r in sel],
-            yerr=[100 * r["test_accuracy_std"] for r in sel],
-            fmt=style,
-            capsize=3,
-            label=label,
-        )
-        if method == "tucker":
-            for r in sel:
-                ax.annotate(
-                    f"τ={r['tau']:g}",
-                    (r["trainable_parameters_mean"], 100 * r["test_accuracy_mean"]),
-                    textcoords="offset points",
-                    xytext=(4, -12),
-                    fontsize=8,
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.3), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        rows = res["summary"]["rows"]
+        for method, (style, label) in STYLE.items():
+            sel = sorted(
+                (r for r in rows if r["method"] == method),
+                key=lambda r: r["trainable_parameters_mean"],
+            )
+            if sel:
+                ax.errorbar(
+                    [r["trainable_parameters_mean"] for r in sel],
+                    [100 * r["test_accuracy_mean"] for r in sel],
+                    yerr=[100 * r["test_accuracy_std"] for r in sel],
+                    fmt=style,
+                    capsize=3,
+                    label=label,
                 )
-        ax2.errorbar(
-            [r["trainable_parameters_mean"] for r in every],
-            [r["seconds_mean"] for r in every],
-            yerr=[r["seconds_std"] for r in every],
-            fmt=style,
-            capsize=3,
-            label=label,
-        )
-    full = next(r for r in rows if r["method"] == "full")
-    for a, y, yerr in (
-        (ax, 100 * full["test_accuracy_mean"], 100 * full["test_accuracy_std"]),
-        (ax2, full["seconds_mean"], full["seconds_std"]),
-    ):
-        a.errorbar(
-            [full["trainable_parameters_mean"]],
-            [y],
-            yerr=[yerr],
-            fmt="k^",
-            capsize=3,
-            label="full fine-tuning",
-        )
-        a.set_xscale("log")
-        a.set_xlabel("trainable parameters")
-        a.grid(True, alpha=0.3)
-    ax.set_ylim(low, 100)
-    below = [
-        f"{r['method']} at {r['trainable_parameters_mean']:,.0f} params: "
-        f"{100 * r['test_accuracy_mean']:.1f} ± {100 * r['test_accuracy_std']:.1f}%"
-        for r in rows
-        if 100 * r["test_accuracy_mean"] < low
-    ]
-    if below:
-        ax.text(
-            0.02,
-            0.02,
-            "below the axis (a seed diverged):\n" + "\n".join(dict.fromkeys(below)),
-            transform=ax.transAxes,
-            fontsize=7,
-            va="bottom",
-        )
-    ax.set_ylabel("test accuracy on digits 5-9 (%)")
-    ax.set_title(f"LeNet5, MNIST 0-4 → 5-9, mean ± std over {len(seeds)} seeds", fontsize=10)
-    ax.legend(fontsize=8)
-    ax2.set_ylabel("adaptation time (s)")
-    ax2.set_title("training time (TDLRT: two gradient evaluations per step)", fontsize=10)
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    main = plot_dir / "adapters.png"
-    fig.savefig(main, dpi=110)
-    plt.close(fig)
+        for r in rows:
+            if r["method"] == "full":
+                ax.errorbar(
+                    [r["trainable_parameters_mean"]],
+                    [100 * r["test_accuracy_mean"]],
+                    yerr=[100 * r["test_accuracy_std"]],
+                    fmt="k^",
+                    capsize=3,
+                    label="full fine-tuning",
+                )
+        accs = [100 * r["test_accuracy_mean"] for r in rows]
+        good = [a for a in accs if a >= 60] or accs
+        ax.set_ylim(math.floor(min(good) - 1), 100)
+        ax.set_xscale("log")
+        decorate(ax, "trainable parameters at the end", "test accuracy, digits 5-9 (%)",
+              f"{res['task']}: MNIST 0-4 → 5-9, mean ± std over seeds")  # fmt: skip
+    main = save(fig, plot_dir / f"{stem}.png")
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for tau in taus:
-        run = next(r for r in seeds[0]["runs"] if r["method"] == "tucker" and r["tau"] == tau)
-        ax.plot(np.arange(1, len(run["parameter_history"]) + 1), run["parameter_history"])
-        ax.lines[-1].set_label(f"τ = {tau:g}")
-    ax.set_xlabel("TDLRT step")
-    ax.set_ylabel("adapter parameters")
-    ax.set_yscale("log")
-    ax.set_title("Tucker adapter size during training (seed 0)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    ranks = plot_dir / "adapters_ranks.png"
-    fig.savefig(ranks, dpi=110)
-    plt.close(fig)
-    return [str(main.relative_to(ROOT)), str(ranks.relative_to(ROOT))]
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3.6), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for r in res["runs"]:
+            if r["method"].startswith("tucker-") and r["seed"] == 1000 and r["tau"] == TUNE_TAU:
+                ax.plot(r["parameter_history"], label=f"{r['method']}, τ = {r['tau']:g}")
+        ax.set_yscale("log")
+        decorate(ax, "TDLRT step", "adapter parameters",
+              f"{res['task']}: Tucker adapter size during training (seed 0)")  # fmt: skip
+    ranks = save(fig, plot_dir / f"{stem}_ranks.png")
+    return [str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in (main, ranks)]
 
 
-def environment() -> dict:
-    return _common.environment(torch=torch.__version__, torch_num_threads=torch.get_num_threads())
-
-
+# --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument(
+        "--tucker-inner",
+        nargs="+",
+        choices=("sgd", "adam", "adamw"),
+        default=["sgd"],
+        help="TDLRT inner optimizers (inner=...)",
+    )
+    parser.add_argument(
+        "--tucker-kwargs",
+        type=json.loads,
+        default={},
+        help="more TDLRT options, as JSON (e.g. '{\"max_rank\": 16}')",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["lora", "peft-lora", "peft-adalora", "full"],
+        choices=("lora", "peft-lora", "peft-adalora", "full"),
+    )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
-    parser.add_argument("--rank0", type=int, default=8, help="initial channel ranks")
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16],
+        help="LoRA / PEFT LoRA ranks and AdaLoRA target ranks",
+    )
+    parser.add_argument("--rank0", type=int, default=8, help="initial Tucker channel ranks")
     parser.add_argument("--epochs", type=int, default=3, help="adaptation epochs")
-    parser.add_argument("--pretrain-epochs", type=int, default=3)
+    parser.add_argument("--pretrain-epochs", type=int, default=3, help="LeNet5 pretraining")
+    parser.add_argument("--vit-pretrain-epochs", type=int, default=10)
+    parser.add_argument(
+        "--vit-split-qkv",
+        action="store_true",
+        help="one Tucker update per q/k/v slice of the fused projection",
+    )
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr-tucker", type=float, default=0.1)
-    parser.add_argument("--lr-lora", type=float, default=1e-2)
-    parser.add_argument("--lr-lora-sgd", type=float, default=0.3)
-    parser.add_argument("--lr-full", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 tau, 1 epoch")
     parser.add_argument(
         "--no-tune",
         action="store_true",
-        help="skip the learning-rate grids on the validation split; use the --lr-* values",
+        help="skip the learning-rate grids; use --lr METHOD=VALUE (default: the "
+        "grid's second entry)",
+    )
+    parser.add_argument("--lr", nargs="*", default=[], help="METHOD=VALUE with --no-tune")
+    parser.add_argument(
+        "--grid",
+        nargs="*",
+        default=[],
+        help="METHOD=LR1,LR2,... replaces a learning-rate grid (default: GRIDS)",
+    )
+    parser.add_argument(
+        "--method-ranks",
+        nargs="*",
+        default=[],
+        help="METHOD=R1,R2,... replaces --ranks for one LoRA-family method",
+    )
+    parser.add_argument("--no-robustness", action="store_true")
+    parser.add_argument(
+        "--no-robustness-for", nargs="*", default=[], help="methods left out of the 10x-lr runs"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 seed, 1 tau, ranks 2 4, 1 epoch, no grids",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--plot-dir", type=Path, default=DEFAULT_PLOTS)
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--fresh", action="store_true", help="discard <out>.partial.jsonl")
     parser.add_argument(
-        "--replot", action="store_true", help="only redraw the plots from the JSON at --out"
+        "--from-partial",
+        action="store_true",
+        help="write the report from the runs already in <out>.partial.jsonl (a stopped study: "
+        "whole seeds; the file is kept so that the study can be resumed)",
+    )
+    parser.add_argument("--plot-dir", type=Path, default=DEFAULT_PLOTS)
+    parser.add_argument("--plot-stem", default="adapters")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="only redraw from the JSON at --out")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the docs' tables from the JSON at --out"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.taus, args.epochs, args.pretrain_epochs = 1, args.taus[:1], 1, 1
-        args.no_tune = True
-    if args.replot:
+        args.seeds, args.taus, args.ranks, args.epochs = 1, args.taus[:1], [2, 4], 1
+        args.pretrain_epochs, args.vit_pretrain_epochs, args.no_tune = 1, 2, True
+    if args.replot or args.markdown:
         report = json.loads(args.out.read_text())
-        print(plot(report["summary"], report["seeds"], report["settings"]["taus"], args.plot_dir))
+        for res in report["tasks"]:  # from the runs, with this version's summary
+            res["summary"] = summarize(res["runs"], res["robustness_runs"], res["model_parameters"])
+        if args.markdown:
+            print("\n\n".join(markdown(res) for res in report["tasks"]))
+        else:
+            print(plot(report["tasks"], args.plot_dir, args.plot_stem))
         return 0
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"{args.out} exists; pass --overwrite to replace it, or another --out")
+    lrs = {m: g[1] for m, g in GRIDS.items()}
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        if method not in GRIDS or not value:
+            parser.error(f"--lr takes METHOD=VALUE with METHOD in {sorted(GRIDS)}, got {item!r}")
+        lrs[method] = float(value)
+    args.lr = lrs
+    grids = dict(GRIDS)
+    for item in args.grid:
+        method, _, values = item.partition("=")
+        try:
+            grids[method] = [float(v) for v in values.split(",")]
+        except ValueError:
+            grids[method] = []
+        if method not in GRIDS or not grids[method]:
+            parser.error(
+                f"--grid takes METHOD=LR1,LR2 with METHOD in {sorted(GRIDS)}, got {item!r}"
+            )
+    args.grids = grids
+    method_ranks = {}
+    for item in args.method_ranks:
+        method, _, values = item.partition("=")
+        try:
+            method_ranks[method] = [int(v) for v in values.split(",")]
+        except ValueError:
+            method_ranks[method] = []
+        if method not in ("lora", "peft-lora", "peft-adalora") or not method_ranks[method]:
+            parser.error(f"--method-ranks takes METHOD=R1,R2 for a LoRA method, got {item!r}")
+    args.method_ranks = method_ranks
     torch.set_num_threads(args.threads)
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("out", "overwrite", "fresh", "plot_dir", "plot_stem", "no_plot", "replot")
+    }
+    partial = args.out.with_name(args.out.name + ".partial.jsonl")
+    progress = Progress(partial, settings, args.fresh, dry=args.from_partial)
     data = split_data()
     print(
         f"pretrain on {len(data['pretrain'][1])} digits 0-4; adapt on {len(data['adapt'][1])} "
@@ -542,42 +1004,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     monitor = CpuMonitor()
     start = time.perf_counter()
-    base0 = pretrain(data, args, 0)
-    tuned = None
-    if not args.no_tune:
-        print("learning rates (validation split, seed 0):", flush=True)
-        tuned = tune(data, args, base0)
-        args.lr_tucker, args.lr_lora, args.lr_lora_sgd, args.lr_full = (
-            tuned["best"][k] for k in ("tucker", "lora", "lora_sgd", "full")
-        )
-    seeds = [run_seed(data, args, 0, base0)]
-    seeds += [run_seed(data, args, seed) for seed in range(1, args.seeds)]
-    rows = summarize(seeds, args.taus)
-    full_params = int(next(r for r in rows if r["method"] == "full")["trainable_parameters_mean"])
-    print()
-    print_table(rows, full_params)
-    pre = mean_std([s["pretrain_accuracy_0_4"] for s in seeds])
-    zero = mean_std([s["zero_shot_accuracy_5_9"] for s in seeds])
-    print(f"pretrained accuracy on digits 0-4: {100 * pre[0]:.2f} ± {100 * pre[1]:.2f}%")
-    print(f"before adaptation on digits 5-9: {100 * zero[0]:.2f} ± {100 * zero[1]:.2f}%")
-    plots = [] if args.no_plot or args.quick else plot(rows, seeds, args.taus, args.plot_dir)
+    results = [study(task, data, args, progress) for task in args.tasks]
+    for res in results:
+        print_summary(res)
+    plots = [] if args.no_plot or args.quick else plot(results, args.plot_dir, args.plot_stem)
+    import peft
+
     report = {
         "benchmark": "adapters",
         "description": __doc__.split("\n\n")[0],
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "targets": TARGETS,
-        "environment": environment(),
+        "settings": settings,
+        "environment": _common.environment(
+            torch=torch.__version__,
+            peft=peft.__version__,
+            torch_num_threads=torch.get_num_threads(),
+        ),
         "load": monitor.report(),
-        "total_seconds": time.perf_counter() - start,
-        "pretrain_accuracy_0_4": {"mean": pre[0], "std": pre[1]},
-        "before_adaptation_accuracy_5_9": {"mean": zero[0], "std": zero[1]},
-        "learning_rate_search": tuned,
-        "summary": rows,
-        "seeds": seeds,
+        "total_seconds_this_process": time.perf_counter() - start,
+        "complete": not args.from_partial,
+        "tasks": results,
         "plots": plots,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    os.replace(tmp, args.out)
+    if not args.from_partial:
+        progress.path.unlink()
     print(f"wrote {args.out}" + (f" and {', '.join(plots)}" if plots else ""))
     return 0
 

@@ -443,7 +443,7 @@ def test_add_tucker_adapters_bad_input_names_the_offender_and_changes_nothing():
         add_tucker_adapters(net, "2.*")
     with pytest.raises(ValueError, match="already has a Tucker adapter"):
         TuckerAdapter(net[2])
-    with pytest.raises(TypeError, match="can adapt nn.Linear and nn.Conv2d"):
+    with pytest.raises(TypeError, match="can adapt nn.Linear, nn.Conv2d"):
         TuckerAdapter(TuckerLinear(3, 3))
     with pytest.raises(ValueError, match="no Tucker adapters"):
         merge_adapters(nn.Linear(2, 2))

@@ -11,22 +11,30 @@ Installed as ``tuckerman.integrations.torch``; needs ``torch`` (``pip install tu
 - :func:`build_model` (:func:`lenet5`, :func:`vgg_small`, :func:`resnet18`): the paper's dense
   reference models, for MNIST- and CIFAR-sized images; :func:`train` with :class:`TrainConfig`:
   the training behind the ``tuckerman train`` command.
-- :func:`add_tucker_adapters` (:class:`TuckerAdapter`): frozen layers plus a Tucker update
-  trained by TDLRT (LoRA-like fine-tuning); :func:`merge_adapters`, :func:`unmerge_adapters`,
-  :func:`remove_adapters`, :func:`adapter_state_dict`, :func:`load_adapter_state_dict`,
-  :func:`adapter_report`.
+- :func:`add_tucker_adapters` (:class:`TuckerAdapter`, :class:`TuckerAdapterConfig`): frozen
+  ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding`` layers plus a Tucker update trained by TDLRT
+  (LoRA-like fine-tuning of CNNs and transformers); :func:`merge_adapters`,
+  :func:`unmerge_adapters`, :func:`remove_adapters`, :func:`save_adapters` /
+  :func:`load_adapters` (safetensors + JSON), :func:`adapter_state_dict`,
+  :func:`load_adapter_state_dict`, :func:`adapter_report`.
+- :class:`VisionTransformer` (:class:`ViTConfig`): a compact ViT for the adapter experiments.
 - :class:`TuckerDDP`: ``DistributedDataParallel`` that is rebuilt when TDLRT changes ranks;
   give it to :class:`TDLRT` for rank decisions taken on rank 0 and broadcast.
 """
 
 from tuckerman.integrations.torch._adapters import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
     TuckerAdapter,
+    TuckerAdapterConfig,
     adapter_report,
     adapter_state_dict,
     add_tucker_adapters,
     load_adapter_state_dict,
+    load_adapters,
     merge_adapters,
     remove_adapters,
+    save_adapters,
     unmerge_adapters,
 )
 from tuckerman.integrations.torch._convert import compression_report, format_report, tuckerize
@@ -35,17 +43,23 @@ from tuckerman.integrations.torch._layers import AbstractTuckerLayer, TuckerConv
 from tuckerman.integrations.torch._models import MODELS, build_model, lenet5, resnet18, vgg_small
 from tuckerman.integrations.torch._optim import TDLRT
 from tuckerman.integrations.torch._train import TrainConfig, train
+from tuckerman.integrations.torch._vit import VisionTransformer, ViTConfig
 
 __all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
     "AbstractTuckerLayer",
     "MODELS",
     "ReplicaSync",
     "TDLRT",
     "TrainConfig",
     "TuckerAdapter",
+    "TuckerAdapterConfig",
     "TuckerConv2d",
     "TuckerDDP",
     "TuckerLinear",
+    "ViTConfig",
+    "VisionTransformer",
     "adapter_report",
     "adapter_state_dict",
     "add_tucker_adapters",
@@ -54,9 +68,11 @@ __all__ = [
     "format_report",
     "lenet5",
     "load_adapter_state_dict",
+    "load_adapters",
     "merge_adapters",
     "remove_adapters",
     "resnet18",
+    "save_adapters",
     "train",
     "tuckerize",
     "unmerge_adapters",
