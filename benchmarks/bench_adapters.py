@@ -171,17 +171,14 @@ def trainable(model: nn.Module) -> int:
 
 
 def held_tucker_parameters(model: nn.Module) -> int:
-    """Trainable entries the model holds now: a Tucker layer counts what its forward evaluates
-    (its augmented point during TDLRT's second gradient evaluation, else its stored
-    parameters, at their capacity); every other trainable parameter as it is."""
+    """Trainable entries the model evaluates now: a Tucker layer counts its active weights
+    (the augmented point during a second closure evaluation of TDLRT, else its live block or
+    capacity); every other trainable parameter as it is."""
     total, seen = 0, set()
     for m in model.modules():
         if isinstance(m, AbstractTuckerLayer):
-            override = getattr(m, "_override", None)
-            if override is not None:
-                total += override[0].numel() + sum(u.numel() for u in override[1])
-            else:
-                total += m.core.numel() + sum(u.numel() for u in m.factors)
+            core, factors = m.active_weights()
+            total += core.numel() + sum(u.numel() for u in factors)
             seen.update(id(p) for p in (m.core, *m.factors))
     return total + sum(
         p.numel() for p in model.parameters() if p.requires_grad and id(p) not in seen

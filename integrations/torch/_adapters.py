@@ -578,7 +578,7 @@ class TuckerAdapter(nn.Module):
         if isinstance(self.base, nn.Embedding):
             # the weights the layer's own forward would use (the live block, or the augmented
             # point TDLRT installs for its second gradient evaluation)
-            core, (u_rows, u_cols) = self.delta._weights()  # (r1, r2); (num, r1), (dim, r2)
+            core, (u_rows, u_cols) = self.delta.active_weights()  # (r1, r2); (num, r1), (dim, r2)
             out = F.embedding(x, u_rows) @ (core @ u_cols.mT)
             if self.base.padding_idx is not None:  # the padding row stays W₀'s
                 out = out.masked_fill((x == self.base.padding_idx).unsqueeze(-1), 0.0)

@@ -274,10 +274,15 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
                 self.bias.uniform_(-bound, bound)
 
     # ------------------------------------------------------------------ the weights in use
-    def _weights(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Core and factors for the forward pass: the live block in eager mode when the ranks
-        are known on the host, the whole capacity otherwise (exact either way). An optimizer's
-        second gradient evaluation sets ``_override`` to an augmented weight."""
+    def active_weights(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The core and factors the forward pass evaluates (with autograd).
+
+        The live block of the parameters in eager mode when the ranks are known on the host,
+        the whole capacity otherwise (exact either way: the padding is zero); during an
+        optimizer's second gradient evaluation with ``second_pass="closure"``, the augmented
+        weight it set. Code that evaluates the layer's weight in its own way (e.g. an
+        embedding lookup of factor rows) should use this rather than ``core`` and ``factors``.
+        """
         if self._override is not None:
             core, factors, live = self._override
         else:
@@ -456,7 +461,7 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
         Allocates ``prod(weight_shape)`` entries: for tests, merging and export, never used by
         the forward pass.
         """
-        core, factors = self._weights()
+        core, factors = self.active_weights()
         return tm.TuckerTensor(core, factors).to_dense()
 
     def num_parameters(self) -> int:
@@ -616,7 +621,7 @@ class TuckerLinear(AbstractTuckerLayer):
         return self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        core, (u1, u2) = self._weights()
+        core, (u1, u2) = self.active_weights()
         h = torch.matmul(x, u2)  # (..., r_2)
         h = F.linear(h, core)  # (..., r_1)
         y = F.linear(h, u1, self.bias)  # (..., out), bias once
@@ -809,7 +814,7 @@ class TuckerConv2d(AbstractTuckerLayer):
 
     def kernel(self) -> torch.Tensor:
         """The stage-2 kernel ``C ×_3 U_3 ×_4 U_4``, shape ``(r_1, r_2, k_h, k_w)``."""
-        core, (_, _, u3, u4) = self._weights()
+        core, (_, _, u3, u4) = self.active_weights()
         return torch.einsum("abij,ki,lj->abkl", core, u3, u4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -821,7 +826,7 @@ class TuckerConv2d(AbstractTuckerLayer):
                 f"TuckerConv2d expects input of shape (N, {self.in_channels}, H, W) or "
                 f"({self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        core, (u1, u2, u3, u4) = self._weights()
+        core, (u1, u2, u3, u4) = self.active_weights()
         kernel = torch.einsum("abij,ki,lj->abkl", core, u3, u4)
         n, c, hh, ww = x.shape
         r1, r2 = u1.shape[1], u2.shape[1]
