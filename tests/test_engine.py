@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tuckerman.backends  # noqa: F401
 from helpers import host, library_of, rel
 from hypothesis import given
 from hypothesis import strategies as st
@@ -332,3 +333,51 @@ def test_layout_validation_and_skipped_modes():
         engine.Config(momentum=1.5).checked()
     with pytest.raises(ValueError, match="nesterov needs"):
         engine.Config(nesterov=True).checked()
+
+
+def test_adam_moments_are_transported_exactly_by_signed_permutations(backend, dtype, make):
+    """For maps that permute and flip basis vectors (the common case for kept directions) the
+    first moment moves like the core and the second moment is permuted, both exactly."""
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((3, 4, 2))
+    v = rng.random((3, 4, 2))
+    maps, perms, signs = [], [], []
+    for n in m.shape:
+        p = rng.permutation(n)
+        s = rng.choice([-1.0, 1.0], n)
+        maps.append(make(np.eye(n)[p] * s[:, None]))
+        perms.append(p)
+        signs.append(s)
+    cfg = engine.Config(inner="adam").checked()
+    m2, v2 = engine.transport_state(cfg, (make(m), make(v)), maps)
+    ref_m, ref_v = m, v
+    for k, (p, s) in enumerate(zip(perms, signs)):
+        ref_m = np.moveaxis(
+            np.moveaxis(ref_m, k, 0)[p] * s.reshape(-1, *([1] * (m.ndim - 1))), 0, k
+        )
+        ref_v = np.moveaxis(np.moveaxis(ref_v, k, 0)[p], 0, k)
+    got_m, got_v = tm.backends.to_numpy(m2), tm.backends.to_numpy(v2)
+    assert np.array_equal(got_m, ref_m.astype(got_m.dtype))
+    assert np.array_equal(got_v, ref_v.astype(got_v.dtype))
+
+
+def test_the_gradient_rank_rule_decides_on_the_gradient_step_and_cuts_the_update():
+    """truncate(decide=...) takes the ranks from the decision cores' spectra and truncates the
+    points in their own singular bases: equal to truncate_core at those ranks."""
+    x = tm.FixedRankTucker((8, 9, 10), (6, 5, 6)).random_point(key=3)
+    rng = np.random.default_rng(4)
+    grad = rng.standard_normal(x.ranks)
+    cfg = engine.Config(inner="adam", tau=0.2).checked()
+    new, _ = engine.inner_update(cfg, x.core, grad, engine.init_state(cfg, x.core), 1, 0.05)
+    (dec,) = engine.decision_cores(cfg, [x.core], [new], [grad])
+    assert np.isclose(np.linalg.norm(dec - x.core), np.linalg.norm(new - x.core))
+    lay = engine.make_layout(x.shape, (8, 8, 8))
+    y = tm.TuckerTensor(new, x.factors)
+    p = PaddedTucker.from_tucker(y, lay.capacity)
+    (t,), _, (w,) = engine.truncate(
+        [lay], cfg, [p], [p.ranks], decide=[engine.pad_array(np, dec, lay.capacity)]
+    )
+    ranks_dec, _ = tm.truncate_core(tm.TuckerTensor(dec, x.factors), tau=0.2)
+    ref, _ = tm.truncate_core(y, ranks=ranks_dec.ranks)
+    assert t.host_ranks() == ranks_dec.ranks == tuple(int(r) for r in w)
+    assert np.allclose(t.to_dense(), ref.to_dense(), atol=1e-12)

@@ -398,3 +398,30 @@ def test_bad_inputs_are_rejected_clearly():
         riemannian_gradient().update({"w": p["weight"]}, optax.EmptyState())
     with pytest.raises(TypeError, match="TangentVector"):
         apply_updates({"w": p["weight"]}, {"w": p["weight"]})
+
+
+@pytest.mark.parametrize("inner", ["adam", "adamw"])
+def test_adam_with_a_fixed_basis_equals_optax_on_the_core(inner):
+    """Full rank, fixed ranks: the step is the inner optimizer on the core, optax's own."""
+    x = tm.FixedRankTucker((5, 5), 5).random_point(key=0)
+    a = jnp.asarray(_target((5, 5), 2, 3))
+    tx = TDLRT(0.01, inner=inner, weight_decay=0.1, fixed_rank=True)
+    params = {"w": _to_jax(x)}
+    state = tx.init(params)
+    if inner == "adam":
+        ref_tx = optax.chain(optax.add_decayed_weights(0.1), optax.adam(0.01))
+    else:
+        ref_tx = optax.adamw(0.01, weight_decay=0.1)
+    core, factors = jnp.asarray(x.core), [jnp.asarray(u) for u in x.factors]
+    ref_state = ref_tx.init(core)
+
+    def core_loss(c):
+        return 0.5 * jnp.sum((tm.TuckerTensor(c, factors).to_dense() - a) ** 2)
+
+    for _ in range(5):
+        params, state, _ = tx.step(params, state, _w_loss, a)
+        updates, ref_state = ref_tx.update(jax.grad(core_loss)(core), ref_state, core)
+        core = optax.apply_updates(core, updates)
+        np.testing.assert_allclose(np.asarray(params["w"].core), np.asarray(core), atol=1e-13)
+        for u, f in zip(params["w"].factors, factors):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(f))

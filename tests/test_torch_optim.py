@@ -580,3 +580,75 @@ def test_half_precision_layers_train_with_float32_linear_algebra(dtype):
         if hasattr(m, "ranks"):
             u = m.tucker().factors[0].float()
             assert torch.allclose(u.T @ u, torch.eye(u.shape[1]), atol=2e-2)
+
+
+# --------------------------------------------------------------------------- geometric Adam
+def _low_rank_fit(rank_rule, inner="adam", steps=60):
+    """A zero-initialized 24x24 update (as an adapter starts) fitted to a rank-3 target plus a
+    small full-rank remainder."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(24, 24, bias=False, ranks=4, dtype=DT)
+    layer.set_tucker(tm.TuckerTensor(torch.zeros(4, 4, dtype=DT), layer.tucker().factors))
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(24, 3, generator=g, dtype=DT) @ torch.randn(3, 24, generator=g, dtype=DT)
+    target = target + 1e-2 * torch.randn(24, 24, generator=g, dtype=DT)  # a full-rank remainder
+    x = torch.randn(256, 24, generator=g, dtype=DT)
+    opt = TDLRT(layer, lr=0.02, tau=0.1, inner=inner, rank_rule=rank_rule)
+    sizes, ranks = [], []
+    for _ in range(steps):
+
+        def closure():
+            opt.zero_grad()
+            loss = ((layer(x) - x @ target.T) ** 2).mean()
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        sizes.append(layer.num_parameters())
+        ranks.append(layer.ranks[0])
+    return loss.item(), sizes, ranks
+
+
+@pytest.mark.parametrize("inner", ["adam", "adamw"])
+def test_adam_ranks_stay_bounded_with_the_gradient_rank_rule(inner):
+    """Adam's normalized step gives every new direction an O(lr) entry: with the rank decided
+    on the updated core the ranks run to the maximum; decided on the gradient step of the same
+    length they follow the target's rank, and the fit is as good."""
+    loss_g, _, ranks_g = _low_rank_fit("gradient", inner)
+    loss_u, _, ranks_u = _low_rank_fit("update", inner)
+    assert max(ranks_u) >= 15  # the flat spectrum: the remainder's directions are kept
+    assert ranks_g[-1] == ranks_u[-1] == 3  # both end at the target's rank
+    assert max(ranks_g) <= 2 * ranks_g[-1]  # ... and the gradient rule never doubles it
+    assert loss_g <= 1.01 * loss_u
+
+
+def test_the_default_rank_rule_follows_the_inner_optimizer():
+    model = _cnn()
+    assert TDLRT(model, lr=0.1)._config.rank_rule == "update"
+    assert TDLRT(model, lr=0.1, inner="adam")._config.rank_rule == "gradient"
+    assert TDLRT(model, lr=0.1, inner="adamw", rank_rule="update")._config.rank_rule == "update"
+    with pytest.raises(ValueError, match="rank_rule must be 'update', 'gradient' or None"):
+        TDLRT(model, lr=0.1, rank_rule="spectrum")
+
+
+@pytest.mark.parametrize("inner", ["adam", "adamw"])
+def test_adam_with_a_fixed_basis_equals_torch_adam_on_the_core(inner):
+    """At full rank with fixed ranks every basis is the whole space (nothing to augment or
+    truncate): the step is the inner optimizer on the core, which must be torch's own."""
+    torch.manual_seed(0)
+    layer = TuckerLinear(5, 5, bias=False, ranks=5, dtype=DT)
+    core = nn.Parameter(layer.core.detach().clone())
+    factors = [u.detach().clone() for u in layer.factors]
+    x, y = torch.randn(32, 5, dtype=DT), torch.randn(32, 5, dtype=DT)
+    opt = TDLRT(layer, lr=0.01, inner=inner, weight_decay=0.1, fixed_rank=True)
+    ref = (torch.optim.Adam if inner == "adam" else torch.optim.AdamW)(
+        [core], lr=0.01, weight_decay=0.1
+    )
+    for _ in range(5):
+        opt.step(_closure(opt, layer, x, y))
+        ref.zero_grad()
+        w = factors[0] @ core @ factors[1].T
+        nn.functional.mse_loss(x @ w.T, y).backward()
+        ref.step()
+        assert torch.allclose(layer.core, core, atol=1e-13, rtol=0)
+        assert all(torch.equal(u, f) for u, f in zip(layer.factors, factors))

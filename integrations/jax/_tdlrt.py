@@ -104,6 +104,9 @@ class TDLRT:
     absolute : bool
     fixed_rank : bool
         Truncate to the current ranks (the fixed-rank integrator).
+    rank_rule : {"update", "gradient"} or None
+        What decides the ranks, as in the torch ``TDLRT`` (default: ``"update"`` for SGD,
+        ``"gradient"`` for Adam and AdamW; :func:`tuckerman.engine.decision_cores`).
     one_pass : bool
         One gradient evaluation per step: the core gradient in the augmented bases is that of
         the Riemannian gradient at the current point (see the torch ``TDLRT``).
@@ -164,6 +167,7 @@ class TDLRT:
         max_rank: Any = None,
         absolute: bool = False,
         fixed_rank: bool = False,
+        rank_rule: str | None = None,
         one_pass: bool = False,
         augment_every: int = 1,
         adaptive_modes: Any = None,
@@ -181,6 +185,7 @@ class TDLRT:
             betas=tuple(betas),  # type: ignore[arg-type]
             eps=eps,
             weight_decay=weight_decay,
+            rank_rule=rank_rule,
         ).checked()
         if isinstance(augment_every, bool) or not isinstance(augment_every, numbers.Integral):
             raise TypeError(f"augment_every must be a positive int, got {augment_every!r}")
@@ -384,6 +389,9 @@ class TDLRT:
                 [p.ranks for p in points],
                 fixed_rank=self.fixed_rank,
                 out_capacity=[lay.capacity for lay in layouts],
+                decide=engine.decision_cores(
+                    cfg, [a.core for a in aug], [u.core for u in updated], grads2
+                ),
             )
             new_states = [engine.transport_state(cfg, st, m) for st, m in zip(upd_states, tmaps)]
         new_leaves = list(leaves)

@@ -77,10 +77,18 @@ class TDLRT(torch.optim.Optimizer):
         decay on a Tucker layer is applied to the core, which equals decay of the full weight
         (orthonormal factors).
     inner : {"sgd", "adam", "adamw"}
+        The cores' optimizer. Its moments live in the geometry: they follow the bases through
+        augmentation and truncation (Adam's second moment with the squared maps).
     min_rank, max_rank : int or per-mode tuple
         Bounds for the adaptive modes of every Tucker layer.
     fixed_rank : bool
         Truncate back to the current ranks (the fixed-rank integrator).
+    rank_rule : {"update", "gradient"} or None
+        What decides the ranks (:func:`tuckerman.engine.decision_cores`): the spectrum of the
+        updated core (``"update"``, the paper's rule; default for SGD) or of the core moved by
+        a plain gradient step of the update's length (``"gradient"``; default for Adam and
+        AdamW, whose normalized steps give every new direction the same weight, so that a
+        relative ``tau`` would keep them all and the ranks run to their maximum).
     one_pass : bool
         Use one gradient evaluation per step: the gradient in the augmented bases is replaced by
         the tangent-space (Riemannian) gradient at the current point, computed from the same
@@ -148,6 +156,7 @@ class TDLRT(torch.optim.Optimizer):
         max_rank: Any = None,
         absolute: bool = False,
         fixed_rank: bool = False,
+        rank_rule: str | None = None,
         one_pass: bool = False,
         second_pass: str = "replay",
         augment_every: int = 1,
@@ -171,6 +180,7 @@ class TDLRT(torch.optim.Optimizer):
             betas=tuple(betas),  # type: ignore[arg-type]
             eps=eps,
             weight_decay=weight_decay,
+            rank_rule=rank_rule,
         ).checked()
         if isinstance(augment_every, bool) or not isinstance(augment_every, numbers.Integral):
             raise TypeError(f"augment_every must be a positive int, got {augment_every!r}")
@@ -511,6 +521,9 @@ class TDLRT(torch.optim.Optimizer):
                 updated.append(a._replace(core=core))
                 upd_states.append(st)
             agree = self._replicas.broadcast_ranks if self._replicas is not None else None
+            decide = engine.decision_cores(
+                config, [a.core for a in aug], [u.core for u in updated], grads2
+            )
             new_points, tmaps, wanted = engine.truncate(
                 layouts,
                 config,
@@ -518,6 +531,7 @@ class TDLRT(torch.optim.Optimizer):
                 [p.ranks for p in points],
                 fixed_rank=self.fixed_rank,
                 agree=agree,
+                decide=decide,
             )
             new_states = [engine.transport_state(config, st, m) for st, m in zip(upd_states, tmaps)]
         flags = torch.stack([finite, finite2]).to(torch.int64)

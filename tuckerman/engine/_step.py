@@ -46,6 +46,7 @@ __all__ = [
     "augment",
     "tangent_core_gradients",
     "inner_update",
+    "decision_cores",
     "svd_all",
     "truncate",
     "transport",
@@ -211,6 +212,12 @@ class Config(NamedTuple):
         (decoupled decay, as ``torch.optim.AdamW``).
     momentum, nesterov, betas, eps, weight_decay
         As in torch's optimizers.
+    rank_rule : {"update", "gradient"} or None
+        What the truncation's rank decision looks at (:func:`decision_cores`): the updated core
+        (``"update"``, the paper's rule), or the core moved by a plain gradient step of the
+        update's length (``"gradient"``). None: ``"update"`` for SGD, ``"gradient"`` for Adam
+        and AdamW, whose per-entry normalization gives every new direction an O(lr) entry and
+        so a flat spectrum that a relative tolerance cannot cut.
     """
 
     tau: float = 0.1
@@ -221,6 +228,7 @@ class Config(NamedTuple):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    rank_rule: str | None = None
 
     def checked(self) -> Config:
         """The same config after validation (a clear error for every bad value)."""
@@ -237,7 +245,13 @@ class Config(NamedTuple):
             _real(b, "betas entries", lo=0.0, below_one=True)
         _real(self.eps, "eps", lo=0.0, positive=True)
         _real(self.weight_decay, "weight_decay", lo=0.0)
+        rule = self.rank_rule
+        if rule is None:
+            rule = "update" if self.inner == "sgd" else "gradient"
+        if rule not in ("update", "gradient"):
+            raise ValueError(f"rank_rule must be 'update', 'gradient' or None, got {rule!r}")
         return self._replace(
+            rank_rule=rule,
             tau=float(self.tau),
             absolute=bool(self.absolute),
             momentum=float(self.momentum),
@@ -604,6 +618,42 @@ def _one_minus_power(xp: Any, beta: float, count: Any, like: Any) -> Any:
     return -xp.expm1(xp.astype(count, like.dtype) * math.log(beta))
 
 
+def decision_cores(
+    config: Config, before: Sequence[Any], after: Sequence[Any], grads: Sequence[Any]
+) -> list[Any] | None:
+    """The cores whose spectra decide the ranks (None: the updated cores themselves).
+
+    With ``config.rank_rule == "gradient"`` (the default for Adam and AdamW), the core moved
+    by the un-preconditioned Galerkin step of the same length as the actual update,
+    ``C̃ - η ∇_C̃ L`` with ``η = ||C̃_new - C̃||_F / ||∇_C̃ L||_F``: a direction is kept when the
+    gradient, not the optimizer's normalization, puts weight on it. The truncation itself still
+    cuts the updated core, in its own singular bases.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tuckerman import engine
+    >>> cfg = engine.Config(inner="adam").checked()
+    >>> c, g = np.zeros((2, 2)), np.array([[1.0, 0.0], [0.0, 1e-6]])
+    >>> new, _ = engine.inner_update(cfg, c, g, engine.init_state(cfg, c), 1, 0.1)
+    >>> np.round(np.diag(new), 3).tolist()  # Adam: both directions move by about lr
+    [-0.1, -0.099]
+    >>> (d,) = engine.decision_cores(cfg, [c], [new], [g])
+    >>> bool(abs(d[1, 1]) < 1e-5 * abs(d[0, 0]))  # the gradient step: only the first one
+    True
+    """
+    if config.rank_rule != "gradient":
+        return None
+    out = []
+    for c, n, g in zip(before, after, grads):
+        xp = namespace_of(c)
+        step = xp.linalg.vector_norm(n - c)
+        gnorm = xp.linalg.vector_norm(g)
+        eta = xp.where(gnorm > 0, step / xp.where(gnorm > 0, gnorm, xp.ones_like(gnorm)), 0 * step)
+        out.append(c - eta * g)
+    return out
+
+
 # --------------------------------------------------------------------------- 4: truncation
 def _rank_from_tol(xp: Any, s: Any, threshold: Any) -> Any:
     """Smallest r with ``||s[r:]|| <= threshold`` for descending ``s`` (device int array)."""
@@ -621,6 +671,7 @@ def truncate(
     fixed_rank: bool = False,
     out_capacity: Sequence[Sequence[int]] | None = None,
     agree: Callable[[list[Any]], Sequence[Any]] | None = None,
+    decide: Sequence[Any] | None = None,
 ) -> tuple[list[PaddedTucker], list[tuple], list[Any]]:
     """Per-mode truncation of augmented points with the rank decision on the device.
 
@@ -647,6 +698,10 @@ def truncate(
     agree : callable, optional
         Maps the list of decided rank arrays to the ranks to apply (same shapes), e.g. a
         broadcast of one replica's decisions in data-parallel training.
+    decide : sequence of arrays, optional
+        Per weight a core of the same shape whose singular values (and norm, for a relative
+        ``tau``) decide the adaptive ranks instead of the point's own (:func:`decision_cores`);
+        the point is still truncated in its own singular bases. Its SVDs join the same call.
 
     Returns
     -------
@@ -672,30 +727,38 @@ def truncate(
     xp = namespace_of(points[0].core)
     if out_capacity is None:
         out_capacity = [lay.workspace for lay in layouts]
-    # the SVD jobs: (weight, mode or -1 for "both modes of a matrix")
+    # the SVD jobs: (weight, mode or -1 for "both modes of a matrix", of the decision core?)
     jobs, mats = [], []
     for i, (lay, p) in enumerate(zip(layouts, points)):
-        if lay.ndim == 2 and not all(lay.skip):
-            jobs.append((i, -1))
-            mats.append(p.core)
-            continue
-        for k in range(lay.ndim):
-            if not lay.skip[k]:
-                jobs.append((i, k))
-                mats.append(_unfold(xp, p.core, k))
+        cores = [(p.core, False)]
+        if decide is not None and not fixed_rank and any(lay.adaptive):
+            cores.append((decide[i], True))
+        for core, dec in cores:
+            if lay.ndim == 2 and not all(lay.skip):
+                jobs.append((i, -1, dec))
+                mats.append(core)
+                continue
+            for k in range(lay.ndim):
+                if not lay.skip[k] and (not dec or lay.adaptive[k]):
+                    jobs.append((i, k, dec))
+                    mats.append(_unfold(xp, core, k))
     svds = svd_all(xp, mats)
     bases: dict[tuple[int, int], tuple[Any, Any]] = {}
-    for (i, k), (u, s, vh) in zip(jobs, svds):
-        if k == -1:
-            bases[(i, 0)] = (u, s)
-            bases[(i, 1)] = (vh.mT, s)
-        else:
-            bases[(i, k)] = (u, s)
+    spectra: dict[tuple[int, int], Any] = {}  # the singular values that decide each rank
+    for (i, k, dec), (u, s, vh) in zip(jobs, svds):
+        modes = ((0, u), (1, vh.mT)) if k == -1 else ((k, u),)
+        for mode, basis in modes:
+            if dec:
+                spectra[(i, mode)] = s
+            else:
+                bases[(i, mode)] = (basis, s)
+                spectra.setdefault((i, mode), s)
     new_points, all_maps, wanted_all, decided = [], [], [], []
     for i, (lay, p) in enumerate(zip(layouts, points)):
         d = lay.ndim
         itype = p.ranks.dtype
-        nrm = xp.linalg.vector_norm(p.core)
+        judged = p.core if decide is None or fixed_rank else decide[i]
+        nrm = xp.linalg.vector_norm(judged)
         threshold = config.tau if config.absolute else config.tau * nrm
         valid = p.ranks  # live sizes of the augmented point
         others = xp.prod(valid) // valid
@@ -706,8 +769,7 @@ def truncate(
                 continue
             available = xp.minimum(xp.minimum(valid[k], others[k]), _full(xp, lay.shape[k], valid))
             if lay.adaptive[k] and not fixed_rank:
-                _, s = bases[(i, k)]
-                r = xp.astype(_rank_from_tol(xp, s, threshold), itype)
+                r = xp.astype(_rank_from_tol(xp, spectra[(i, k)], threshold), itype)
                 r = xp.maximum(r, _full(xp, lay.min_rank[k], valid))
                 r = xp.minimum(r, _full(xp, lay.max_rank[k], valid))
             else:
