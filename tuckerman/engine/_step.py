@@ -655,11 +655,11 @@ def decision_cores(
 
 
 # --------------------------------------------------------------------------- 4: truncation
-def _rank_from_tol(xp: Any, s: Any, threshold: Any) -> Any:
+def _rank_from_tol(xp: Any, s: Any, threshold: Any, itype: Any) -> Any:
     """Smallest r with ``||s[r:]|| <= threshold`` for descending ``s`` (device int array)."""
     sq = xp.flip(s * s, axis=-1)
     tail = xp.flip(xp.sqrt(xp.cumulative_sum(sq, axis=-1)), axis=-1)  # tail[r] = ||s[r:]||
-    return xp.sum(xp.astype(tail > threshold, xp.int64), axis=-1)
+    return xp.sum(xp.astype(tail > threshold, itype), axis=-1)
 
 
 def truncate(
@@ -769,7 +769,7 @@ def truncate(
                 continue
             available = xp.minimum(xp.minimum(valid[k], others[k]), _full(xp, lay.shape[k], valid))
             if lay.adaptive[k] and not fixed_rank:
-                r = xp.astype(_rank_from_tol(xp, spectra[(i, k)], threshold), itype)
+                r = _rank_from_tol(xp, spectra[(i, k)], threshold, itype)
                 r = xp.maximum(r, _full(xp, lay.min_rank[k], valid))
                 r = xp.minimum(r, _full(xp, lay.max_rank[k], valid))
             else:
