@@ -27,6 +27,7 @@ from tuckerman.integrations.jax import (
     init_tucker_conv,
     init_tucker_dense,
     num_parameters,
+    num_parameters_dense,
     tucker_conv,
     tucker_dense,
 )
@@ -87,8 +88,8 @@ def accuracy(params, x, y, batch=500):
 def compression_rate(params):
     fact = dense = 0
     for name in ("conv2", "fc1"):
-        f, d = num_parameters(params[name])
-        fact, dense = fact + f, dense + d
+        fact += num_parameters(params[name])
+        dense += num_parameters_dense(params[name])
     return 1.0 - fact / dense
 
 

@@ -554,7 +554,7 @@ def test_hyperparameters_and_bounds_are_validated_before_anything_changes():
         TDLRT(model, lr=0.1, inner="adam", betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="capacity policy must be one of"):
         TDLRT(model, lr=0.1, capacity="huge")
-    with pytest.raises(ValueError, match="augment_every must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="augment_every must be a positive integer, got 0"):
         TDLRT(model, lr=0.1, augment_every=0)
     assert [m.capacity for m in model if hasattr(m, "capacity")] == caps
 

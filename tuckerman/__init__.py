@@ -31,7 +31,7 @@ from tuckerman._tucker import (
     truncate,
     unfold,
 )
-from tuckerman._validate import feasible_ranks
+from tuckerman.validation import feasible_ranks
 
 __version__ = "0.1.0"
 

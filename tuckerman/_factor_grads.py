@@ -18,7 +18,7 @@ from tuckerman._manifold import (
     _times_r_inv_t,
 )
 from tuckerman._tucker import TuckerTensor
-from tuckerman._validate import check_real_floating
+from tuckerman.validation import check_real_floating
 
 __all__ = ["rgrad_from_factor_grads"]
 

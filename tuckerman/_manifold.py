@@ -25,7 +25,7 @@ from tuckerman._tucker import (
     _unfold,
     truncate,
 )
-from tuckerman._validate import as_ranks, as_shape, check_real_floating, feasible_ranks_error
+from tuckerman.validation import as_ranks, as_shape, check_real_floating, feasible_ranks_error
 
 __all__ = ["FixedRankTucker", "TangentVector", "core_condition"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import tuckerman.backends as backends
 from tuckerman._compat import is_array, namespace_of
 from tuckerman._tucker import TuckerTensor, _as_tucker
-from tuckerman._validate import as_shape, check_real_floating
+from tuckerman.validation import as_shape, check_real_floating
 
 __all__ = ["SparseTensor", "entries"]
 

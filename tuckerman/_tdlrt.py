@@ -26,7 +26,7 @@ from tuckerman._compat import is_array, namespace_of
 from tuckerman._manifold import FixedRankTucker, _contract_q, _core_qr
 from tuckerman._sparse import SparseTensor, sparse_all_but_one
 from tuckerman._tucker import TuckerTensor, _as_tucker, _mp, _rank_from_tol, _svd, _unfold
-from tuckerman._validate import check_tol, feasible_ranks
+from tuckerman.validation import check_tol, feasible_ranks
 
 __all__ = [
     "augment",

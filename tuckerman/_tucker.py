@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import tuckerman.backends as backends
 from tuckerman._compat import is_array, namespace_of
-from tuckerman._validate import as_ranks, check_real_floating, check_tol
+from tuckerman.validation import as_ranks, check_real_floating, check_tol
 
 __all__ = [
     "TuckerTensor",

@@ -11,13 +11,10 @@ from torch import nn
 from torch.nn import functional as F
 from tuckerman.integrations.geoopt._manifold import TuckerManifold
 
+from tuckerman.layers import resolve_ranks
+from tuckerman.validation import positive_int
+
 __all__ = ["GeooptTuckerLinear"]
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return value
 
 
 class GeooptTuckerLinear(nn.Module):
@@ -33,8 +30,10 @@ class GeooptTuckerLinear(nn.Module):
     Parameters
     ----------
     in_features, out_features : int
-    rank : int
-        ``1 <= rank <= min(in_features, out_features)``.
+    rank : None, int or float
+        As the torch layers' ``ranks`` (:func:`tuckerman.layers.resolve_ranks`): an int
+        ``1 <= rank <= min(in_features, out_features)``, a fraction in (0, 1] of that, or None
+        (full rank).
     bias : bool
     key : int or torch.Generator, optional
         Seed for the initialization (None: torch's global generator).
@@ -64,7 +63,7 @@ class GeooptTuckerLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        rank: int,
+        rank: Any,
         bias: bool = True,
         *,
         key: Any = None,
@@ -72,15 +71,11 @@ class GeooptTuckerLinear(nn.Module):
         device: Any = None,
     ) -> None:
         super().__init__()
-        self.in_features = _positive_int(in_features, "in_features")
-        self.out_features = _positive_int(out_features, "out_features")
-        rank = _positive_int(rank, "rank")
-        if rank > min(in_features, out_features):
-            raise ValueError(
-                f"rank {rank} exceeds min(in_features, out_features) = "
-                f"{min(in_features, out_features)}"
-            )
-        self.manifold = TuckerManifold((self.out_features, self.in_features), (rank, rank))
+        self.in_features = positive_int(in_features, "in_features")
+        self.out_features = positive_int(out_features, "out_features")
+        shape = (self.out_features, self.in_features)
+        ranks = resolve_ranks(shape, rank, owner=f"GeooptTuckerLinear{shape[::-1]}")
+        self.manifold = TuckerManifold(shape, ranks)
         if isinstance(key, torch.Generator):
             seed = int(torch.randint(0, 2**62, (1,), generator=key))
         else:

@@ -19,7 +19,16 @@ import jax.numpy as jnp
 from jax import lax
 
 import tuckerman as tm
-from tuckerman._validate import feasible_ranks_error
+from tuckerman.layers import (
+    bias_bound,
+    check_adaptive_modes,
+    count_parameters,
+    init_core_std,
+    orthonormal_columns,
+    resolve_ranks,
+    tucker_of_dense,
+)
+from tuckerman.validation import int_pair
 
 __all__ = [
     "tucker_dense",
@@ -28,6 +37,7 @@ __all__ = [
     "init_tucker_conv",
     "tucker_from_dense",
     "num_parameters",
+    "num_parameters_dense",
 ]
 
 _CONV_DIMS = ("NHWC", "OIHW", "NHWC")
@@ -55,17 +65,6 @@ def _bias(params: dict, n_out: int, owner: str) -> Any:
     if b is not None and tuple(b.shape) != (n_out,):
         raise ValueError(f"{owner}: bias has shape {tuple(b.shape)}, expected ({n_out},)")
     return b
-
-
-def _pair(value: Any, what: str, minimum: int) -> tuple[int, int]:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value, value)
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
-        raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
-            raise ValueError(f"{what} entries must be integers >= {minimum}, got {tuple(value)}")
-    return int(value[0]), int(value[1])
 
 
 def _padding(padding: Any) -> Any:
@@ -178,8 +177,8 @@ def tucker_conv(
             f"tucker_conv: input of shape {tuple(x.shape)} does not match the weight "
             f"{w.shape} (C_out, C_in, k_h, k_w): expected NHWC (N, H, W, {c_in})"
         )
-    strides = _pair(strides, "strides", 1)
-    dilation = _pair(dilation, "dilation", 1)
+    strides = int_pair(strides, "strides", 1)
+    dilation = int_pair(dilation, "dilation", 1)
     padding = _padding(padding)
     b = _bias(params, c_out, "tucker_conv")
     u1, u2, u3, u4 = w.factors
@@ -193,42 +192,17 @@ def tucker_conv(
 
 
 # --------------------------------------------------------------------------- initializers
-def _ranks_for(shape: tuple[int, ...], ranks: Any, owner: str) -> tuple[int, ...]:
-    """An int: both channel modes; two ints: the channel modes (window modes full)."""
-    d = len(shape)
-    if isinstance(ranks, numbers.Integral) and not isinstance(ranks, bool):
-        ranks = (int(ranks), int(ranks))
-    ranks = tuple(ranks)
-    if len(ranks) == 2 and d == 4:
-        ranks = ranks + shape[2:]
-    if len(ranks) != d or any(
-        isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1 for r in ranks
-    ):
-        raise ValueError(
-            f"{owner}: ranks must be a positive int or {d} positive ints (or 2 for the channel "
-            f"modes of a conv), got {ranks!r} for a weight of shape {shape}"
-        )
-    why = feasible_ranks_error(shape, tuple(int(r) for r in ranks))
-    if why is not None:
-        raise ValueError(f"{owner}: infeasible ranks {ranks} for weight shape {shape}: {why}")
-    return tuple(int(r) for r in ranks)
-
-
-def _orthonormal(key: Any, n: int, r: int, dtype: Any) -> Any:
-    q, rr = jnp.linalg.qr(jax.random.normal(key, (n, r), dtype=dtype))
-    return q * jnp.where(jnp.diagonal(rr) < 0, -1.0, 1.0).astype(dtype)
-
-
 @partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))  # one compilation, not one per operation
 def _init(key: Any, shape: tuple, ranks: tuple, fan_in: int, bias: bool, dtype: Any) -> dict:
     keys = jax.random.split(key, len(shape) + 2)
-    factors = [_orthonormal(k, n, r, dtype) for k, n, r in zip(keys, shape, ranks)]
-    # ‖W‖_F = ‖C‖_F: the dense weight gets mean entry variance 1 / (3 fan_in) (torch default)
-    scale = math.sqrt(math.prod(shape) / (3.0 * fan_in * math.prod(ranks)))
-    core = scale * jax.random.normal(keys[-2], ranks, dtype=dtype)
+    factors = [
+        orthonormal_columns(jax.random.normal(k, (n, r), dtype=dtype))
+        for k, n, r in zip(keys, shape, ranks)
+    ]
+    core = init_core_std(shape, ranks, fan_in) * jax.random.normal(keys[-2], ranks, dtype=dtype)
     b = None
     if bias:
-        bound = 1.0 / math.sqrt(fan_in)
+        bound = bias_bound(fan_in)
         b = jax.random.uniform(keys[-1], (shape[0],), dtype=dtype, minval=-bound, maxval=bound)
     return {"weight": tm.TuckerTensor(core, factors), "bias": b}
 
@@ -264,7 +238,7 @@ def init_tucker_dense(
     (20, 20)
     """
     shape = (int(out_features), int(in_features))
-    ranks = _ranks_for(shape, ranks, "init_tucker_dense")
+    ranks = resolve_ranks(shape, ranks, owner="init_tucker_dense")
     return _init(key, shape, ranks, shape[1], bias, dtype)
 
 
@@ -289,22 +263,34 @@ def init_tucker_conv(
     >>> init_tucker_conv(jax.random.key(0), 20, 50, 5, ranks=(10, 8))["weight"].ranks
     (10, 8, 5, 5)
     """
-    kh, kw = _pair(kernel_size, "kernel_size", 1)
+    kh, kw = int_pair(kernel_size, "kernel_size", 1)
     shape = (int(out_channels), int(in_channels), kh, kw)
-    ranks = _ranks_for(shape, ranks, "init_tucker_conv")
+    ranks = resolve_ranks(shape, ranks, owner="init_tucker_conv")
     return _init(key, shape, ranks, shape[1] * kh * kw, bias, dtype)
 
 
-def tucker_from_dense(weight: Any, ranks: Any, bias: Any = None) -> dict:
-    """Layer parameters from a dense weight by truncated HOSVD (``tm.hosvd``).
+def tucker_from_dense(
+    weight: Any,
+    ranks: Any = None,
+    bias: Any = None,
+    *,
+    tau: float | None = None,
+    adaptive_modes: Sequence[int] = (0, 1),
+) -> dict:
+    """Layer parameters from a dense weight by truncated HOSVD (``tuckerman.layers``).
 
     Parameters
     ----------
     weight : array
         ``(out, in)`` or ``(C_out, C_in, k_h, k_w)`` (torch layout; transpose a flax
         ``(in, out)`` kernel first).
-    ranks : int, pair, or one int per mode
+    ranks : None, int, float in (0, 1], pair, or one int per mode
+        As for the torch layers (:func:`tuckerman.layers.resolve_ranks`); None: full rank.
     bias : array, optional
+    tau : float, optional
+        Relative tolerance: the adaptive modes get the smallest ranks (capped by ``ranks``)
+        with ``‖W - W_tucker‖_F <= tau ‖W‖_F``.
+    adaptive_modes : sequence of int
 
     Examples
     --------
@@ -317,14 +303,15 @@ def tucker_from_dense(weight: Any, ranks: Any, bias: Any = None) -> dict:
     shape = tuple(int(n) for n in weight.shape)
     if len(shape) not in (2, 4):
         raise ValueError(f"weight must have 2 or 4 modes, got shape {shape}")
-    ranks = _ranks_for(shape, ranks, "tucker_from_dense")
+    ranks = resolve_ranks(shape, ranks, owner="tucker_from_dense")
+    modes = check_adaptive_modes(adaptive_modes, len(shape), "tucker_from_dense")
     if bias is not None and tuple(bias.shape) != (shape[0],):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({shape[0]},)")
-    return {"weight": tm.hosvd(weight, ranks), "bias": bias}
+    return {"weight": tucker_of_dense(weight, ranks, tau, modes), "bias": bias}
 
 
-def num_parameters(params: dict) -> tuple[int, int]:
-    """``(factorized, dense)`` parameter counts of a Tucker layer (bias included in both).
+def num_parameters(params: dict) -> int:
+    """Parameters of a Tucker layer: core, factors and bias (the torch layers' count).
 
     Counts at the padded shapes; use :meth:`TDLRT.compact` first for the true ranks.
 
@@ -333,9 +320,21 @@ def num_parameters(params: dict) -> tuple[int, int]:
     >>> import jax
     >>> from tuckerman.integrations.jax import init_tucker_dense, num_parameters
     >>> num_parameters(init_tucker_dense(jax.random.key(0), 8, 6, ranks=2))
-    (38, 54)
+    38
     """
     w = _weight(params, len(params["weight"].factors), "num_parameters")
-    nb = 0 if params.get("bias") is None else int(params["bias"].shape[0])
-    fact = math.prod(w.ranks) + sum(n * r for n, r in zip(w.shape, w.ranks)) + nb
-    return fact, math.prod(w.shape) + nb
+    return count_parameters(w.shape, w.ranks, params.get("bias") is not None)
+
+
+def num_parameters_dense(params: dict) -> int:
+    """Parameters of the same dense layer: ``prod(weight shape)`` plus the bias.
+
+    Examples
+    --------
+    >>> import jax
+    >>> from tuckerman.integrations.jax import init_tucker_dense, num_parameters_dense
+    >>> num_parameters_dense(init_tucker_dense(jax.random.key(0), 8, 6, ranks=2))
+    54
+    """
+    w = _weight(params, len(params["weight"].factors), "num_parameters_dense")
+    return math.prod(w.shape) + (0 if params.get("bias") is None else int(w.shape[0]))

@@ -12,7 +12,6 @@ ranks) to move a weight to another capacity when needed.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -26,6 +25,7 @@ import tuckerman.backends as backends
 import tuckerman as tm
 from tuckerman import engine
 from tuckerman.engine import PaddedTucker
+from tuckerman.validation import positive_int, real_number
 
 backends.get("jax")  # imported once, not while tracing
 
@@ -56,17 +56,6 @@ class TDLRTState(NamedTuple):
     core_state: tuple
     count: Any
     dense_state: Any
-
-
-def _nonneg(value: Any, what: str, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a real number, got {value!r}")
-    v = float(value)
-    if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
-        raise ValueError(
-            f"{what} must be finite and {'> 0' if positive else '>= 0'}, got {value!r}"
-        )
-    return v
 
 
 class TDLRT:
@@ -175,9 +164,9 @@ class TDLRT:
         on_nonfinite: str = "raise",
     ) -> None:
         if not callable(learning_rate):
-            _nonneg(learning_rate, "learning_rate", positive=True)
+            real_number(learning_rate, "learning_rate", positive=True)
         self.config = engine.Config(
-            tau=_nonneg(tau, "tau"),
+            tau=real_number(tau, "tau"),
             absolute=bool(absolute),
             inner=inner,
             momentum=momentum,
@@ -187,10 +176,7 @@ class TDLRT:
             weight_decay=weight_decay,
             rank_rule=rank_rule,
         ).checked()
-        if isinstance(augment_every, bool) or not isinstance(augment_every, numbers.Integral):
-            raise TypeError(f"augment_every must be a positive int, got {augment_every!r}")
-        if augment_every < 1:
-            raise ValueError(f"augment_every must be a positive int, got {augment_every}")
+        augment_every = positive_int(augment_every, "augment_every")
         self.min_rank = engine.check_rank_bound(min_rank, "min_rank")
         self.max_rank = engine.check_rank_bound(max_rank, "max_rank")
         self.capacity = engine.check_capacity_policy(capacity)

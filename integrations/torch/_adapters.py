@@ -39,12 +39,11 @@ from tuckerman.integrations.torch._layers import (
     AbstractTuckerLayer,
     TuckerConv2d,
     TuckerLinear,
-    _check_modes,
     _groups_message,
-    resolve_ranks,
 )
 
 import tuckerman as tm
+from tuckerman.layers import check_adaptive_modes, resolve_ranks
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -538,7 +537,9 @@ class TuckerAdapter(nn.Module):
         w = base.weight
         if not w.dtype.is_floating_point:
             raise TypeError(f"{owner}: the base weight must be floating point, got {w.dtype}")
-        modes = _check_modes((0, 1) if adaptive_modes is None else adaptive_modes, w.ndim, owner)
+        modes = check_adaptive_modes(
+            (0, 1) if adaptive_modes is None else adaptive_modes, w.ndim, owner
+        )
         sizes = _split_sizes(base, splits, owner)
         who = f"{owner} ({base})"
         delta: nn.Module

@@ -7,12 +7,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
-from tuckerman.integrations.torch._layers import (
-    AbstractTuckerLayer,
-    TuckerConv2d,
-    TuckerLinear,
-    resolve_ranks,
-)
+from tuckerman.integrations.torch._layers import AbstractTuckerLayer, TuckerConv2d, TuckerLinear
+
+from tuckerman.layers import resolve_ranks
 
 __all__ = ["tuckerize", "compression_report", "format_report"]
 

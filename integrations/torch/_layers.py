@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,8 +19,17 @@ import tuckerman.backends as backends
 from torch import nn
 
 import tuckerman as tm
-from tuckerman._validate import feasible_ranks, feasible_ranks_error, full_ranks
 from tuckerman.engine import PaddedTucker
+from tuckerman.layers import (
+    bias_bound,
+    check_adaptive_modes,
+    count_parameters,
+    init_core_std,
+    orthonormal_columns,
+    resolve_ranks,
+    tucker_of_dense,
+)
+from tuckerman.validation import int_pair, positive_int
 
 backends.get("torch")  # imported now, so that torch.compile traces the core without an import
 
@@ -31,122 +39,11 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 # --------------------------------------------------------------------------- argument checks
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be a positive integer, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value}")
-    return int(value)
-
-
-def _int_pair(value: Any, what: str, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints, each >= ``minimum``: ``(h, w)``."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value, value)
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
-        raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
-        if v < minimum:
-            raise ValueError(f"{what} entries must be >= {minimum}, got {tuple(value)}")
-        out.append(int(v))
-    return out[0], out[1]
-
-
-def _check_modes(adaptive_modes: Any, d: int, owner: str) -> tuple[int, ...]:
-    if isinstance(adaptive_modes, numbers.Integral) and not isinstance(adaptive_modes, bool):
-        adaptive_modes = (adaptive_modes,)
-    try:
-        modes = tuple(adaptive_modes)
-    except TypeError:
-        raise TypeError(
-            f"{owner}: adaptive_modes must be a sequence of modes in [0, {d}), "
-            f"got {adaptive_modes!r}"
-        ) from None
-    for m in modes:
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 0 <= m < d:
-            raise ValueError(
-                f"{owner}: adaptive_modes entries must be modes in [0, {d}), got {modes!r}"
-            )
-    return tuple(sorted({int(m) for m in modes}))
-
-
 def _floating_dtype(dtype: Any, owner: str) -> torch.dtype:
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"{owner}: dtype must be a real floating torch dtype, got {dtype!r}")
     return dtype
-
-
-def resolve_ranks(
-    shape: Sequence[int], ranks: Any, *, owner: str, clip: bool = False
-) -> tuple[int, ...]:
-    """Turn a user's ``ranks`` into one feasible rank per mode of a weight of ``shape``.
-
-    The first two modes are the channel (output, input) modes; the others (a conv kernel's
-    window modes) default to full rank.
-
-    Parameters
-    ----------
-    shape : sequence of int
-        The weight shape (``(out, in)`` or ``(out, in, k_h, k_w)``).
-    ranks : None, int, float, or sequence of int
-        None: full rank. An int ``r``: rank ``r`` for both channel modes. A float in (0, 1]: that
-        fraction of the full rank of each channel mode (rounded, at least 1). A sequence: one
-        rank per mode, or, for a weight of more than two modes, two ranks for the channel modes.
-        Window modes are full rank unless given.
-    owner : str
-        Names the layer in error messages.
-    clip : bool
-        Lower ranks larger than the mode sizes, or infeasible ones, instead of raising.
-    """
-    shape = tuple(int(n) for n in shape)
-    d = len(shape)
-    full = full_ranks(shape)
-    if ranks is None:
-        return full
-    if isinstance(ranks, numbers.Real) and not isinstance(ranks, numbers.Integral):
-        f = float(ranks)
-        if not (0.0 < f <= 1.0):
-            raise ValueError(
-                f"{owner}: a fractional rank must be in (0, 1] (a fraction of the full rank), "
-                f"got {ranks!r}"
-            )
-        wanted = [max(1, math.floor(f * full[k] + 0.5)) for k in range(2)] + list(full[2:])
-        return feasible_ranks(wanted)
-    if isinstance(ranks, bool):
-        raise TypeError(f"{owner}: ranks must be an int, a float in (0, 1] or a tuple, got {ranks}")
-    if isinstance(ranks, numbers.Integral):
-        ranks = (int(ranks), int(ranks))
-    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
-        raise TypeError(
-            f"{owner}: ranks must be None, an int, a float in (0, 1] or a sequence of ints, "
-            f"got {ranks!r}"
-        )
-    ranks = tuple(ranks)
-    if len(ranks) == 2 and d > 2:
-        ranks = ranks + full[2:]
-    if len(ranks) != d:
-        allowed = f"{d}" if d == 2 else f"2 (the channel modes) or {d}"
-        raise ValueError(
-            f"{owner}: ranks {ranks} has {len(ranks)} entries; expected {allowed} for a weight "
-            f"of shape {shape}"
-        )
-    for k, r in enumerate(ranks):
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-            raise TypeError(f"{owner}: ranks[{k}] must be an integer, got {r!r} in {ranks}")
-        if r <= 0:
-            raise ValueError(f"{owner}: ranks must be positive, got ranks[{k}] = {r} in {ranks}")
-    ranks = tuple(int(r) for r in ranks)
-    if clip:
-        return feasible_ranks([min(r, n) for r, n in zip(ranks, shape)])
-    why = feasible_ranks_error(shape, ranks)
-    if why is not None:
-        hint = " (a matrix's row and column ranks are equal)" if d == 2 else ""
-        raise ValueError(f"{owner}: infeasible ranks {ranks} for weight shape {shape}: {why}{hint}")
-    return ranks
 
 
 # --------------------------------------------------------------------------- the base class
@@ -260,17 +157,16 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
         ranks = self.ranks
         work = torch.promote_types(self.core.dtype, torch.float32)
         dev = self.core.device
-        factors = []
-        for n, r in zip(self._weight_shape, ranks):
-            q, rr = torch.linalg.qr(torch.randn((n, r), device=dev, dtype=work))
-            factors.append(q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(work))
-        variance = 1.0 / (3.0 * self.fan_in)
-        scale = math.sqrt(variance * math.prod(self._weight_shape) / math.prod(ranks))
-        core = torch.randn(ranks, device=dev, dtype=work) * scale
+        factors = [
+            orthonormal_columns(torch.randn((n, r), device=dev, dtype=work))
+            for n, r in zip(self._weight_shape, ranks)
+        ]
+        std = init_core_std(self._weight_shape, ranks, self.fan_in)
+        core = torch.randn(ranks, device=dev, dtype=work) * std
         with torch.no_grad():
             self._write(core, factors, ranks)
             if self.bias is not None:
-                bound = 1.0 / math.sqrt(self.fan_in)
+                bound = bias_bound(self.fan_in)
                 self.bias.uniform_(-bound, bound)
 
     # ------------------------------------------------------------------ the weights in use
@@ -466,9 +362,7 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
 
     def num_parameters(self) -> int:
         """Parameters of the weight at its true ranks (core, factors) plus the bias."""
-        r = self.ranks
-        n = math.prod(r) + sum(n * k for n, k in zip(self._weight_shape, r))
-        return n + (self.bias.numel() if self.bias is not None else 0)
+        return count_parameters(self._weight_shape, self.ranks, self.bias is not None)
 
     def num_parameters_stored(self) -> int:
         """Entries held in memory: core and factors at the capacity, plus the bias."""
@@ -525,43 +419,6 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    # ------------------------------------------------------------------ construction helpers
-    @classmethod
-    def _tucker_of_dense(
-        cls,
-        weight: torch.Tensor,
-        ranks: tuple[int, ...],
-        tau: float | None,
-        adaptive_modes: tuple[int, ...],
-    ) -> tm.TuckerTensor:
-        """HOSVD of a dense weight; with ``tau`` only the adaptive modes are cut by tolerance."""
-        work = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
-        if tau is None:
-            return tm.hosvd(work, ranks)
-        tau = float(tau)
-        if not (math.isfinite(tau) and tau >= 0):
-            raise ValueError(f"{cls.__name__}.from_dense: tau must be finite and >= 0, got {tau}")
-        # exact HOSVD at the rank caps of the fixed modes, then per-mode truncation of the
-        # (all-orthogonal) core: the adaptive modes keep the smallest ranks whose discarded
-        # singular values have norm <= tau ||W|| / sqrt(#adaptive), capped by `ranks`
-        caps = tuple(
-            full if k in adaptive_modes else r
-            for k, (r, full) in enumerate(zip(ranks, full_ranks(weight.shape)))
-        )
-        x = tm.hosvd(work, caps)
-        if not adaptive_modes:
-            return x
-        norm = float(torch.linalg.vector_norm(work))
-        x, _ = tm.truncate_core(
-            x,
-            tau=tau * norm / math.sqrt(len(adaptive_modes)),
-            absolute=True,
-            ranks=ranks,
-            max_rank=ranks,
-            adaptive_modes=adaptive_modes,
-        )
-        return x
-
 
 # --------------------------------------------------------------------------- Linear
 class TuckerLinear(AbstractTuckerLayer):
@@ -603,14 +460,14 @@ class TuckerLinear(AbstractTuckerLayer):
         dtype: Any = None,
     ) -> None:
         owner = "TuckerLinear"
-        self.in_features = _positive_int(in_features, f"{owner}: in_features")
-        self.out_features = _positive_int(out_features, f"{owner}: out_features")
+        self.in_features = positive_int(in_features, f"{owner}: in_features")
+        self.out_features = positive_int(out_features, f"{owner}: out_features")
         shape = (self.out_features, self.in_features)
         owner = f"TuckerLinear(in_features={in_features}, out_features={out_features})"
         super().__init__(
             shape,
             resolve_ranks(shape, ranks, owner=owner),
-            _check_modes(adaptive_modes, 2, owner),
+            check_adaptive_modes(adaptive_modes, 2, owner),
             bool(bias),
             device,
             _floating_dtype(dtype, owner),
@@ -669,9 +526,9 @@ class TuckerLinear(AbstractTuckerLayer):
         w = module.weight
         owner = f"TuckerLinear.from_dense({module})"
         r = resolve_ranks(tuple(w.shape), ranks, owner=owner, clip=clip)
-        modes = _check_modes(adaptive_modes, 2, owner)
+        modes = check_adaptive_modes(adaptive_modes, 2, owner)
         layer = cls._like(module, r, modes)
-        _copy_from_dense(layer, module, cls._tucker_of_dense(w, r, tau, modes))
+        _copy_from_dense(layer, module, _checked_tucker_of_dense(cls, w, r, tau, modes))
         return layer
 
     @classmethod
@@ -759,12 +616,12 @@ class TuckerConv2d(AbstractTuckerLayer):
         dtype: Any = None,
     ) -> None:
         owner = "TuckerConv2d"
-        self.in_channels = _positive_int(in_channels, f"{owner}: in_channels")
-        self.out_channels = _positive_int(out_channels, f"{owner}: out_channels")
-        self.kernel_size = _int_pair(kernel_size, f"{owner}: kernel_size", 1)
-        self.stride = _int_pair(stride, f"{owner}: stride", 1)
-        self.dilation = _int_pair(dilation, f"{owner}: dilation", 1)
-        self.groups = _positive_int(groups, f"{owner}: groups")
+        self.in_channels = positive_int(in_channels, f"{owner}: in_channels")
+        self.out_channels = positive_int(out_channels, f"{owner}: out_channels")
+        self.kernel_size = int_pair(kernel_size, f"{owner}: kernel_size", 1)
+        self.stride = int_pair(stride, f"{owner}: stride", 1)
+        self.dilation = int_pair(dilation, f"{owner}: dilation", 1)
+        self.groups = positive_int(groups, f"{owner}: groups")
         if self.groups != 1:
             raise ValueError(_groups_message(owner, groups, in_channels, out_channels))
         if padding_mode not in _PADDING_MODES:
@@ -790,7 +647,7 @@ class TuckerConv2d(AbstractTuckerLayer):
                     j = 2 * (1 - i)  # height pads go last in F.pad order
                     pads[j], pads[j + 1] = total // 2, total - total // 2
         else:
-            self.padding = _int_pair(padding, f"{owner}: padding", 0)
+            self.padding = int_pair(padding, f"{owner}: padding", 0)
             ph, pw = self.padding
             pads = [pw, pw, ph, ph]
         self._reversed_padding_repeated_twice = tuple(pads)
@@ -802,7 +659,7 @@ class TuckerConv2d(AbstractTuckerLayer):
         super().__init__(
             shape,
             resolve_ranks(shape, ranks, owner=owner),
-            _check_modes(adaptive_modes, 4, owner),
+            check_adaptive_modes(adaptive_modes, 4, owner),
             bool(bias),
             device,
             _floating_dtype(dtype, owner),
@@ -926,9 +783,9 @@ class TuckerConv2d(AbstractTuckerLayer):
             )
         owner = f"TuckerConv2d.from_dense({module})"
         r = resolve_ranks(tuple(w.shape), ranks, owner=owner, clip=clip)
-        modes = _check_modes(adaptive_modes, 4, owner)
+        modes = check_adaptive_modes(adaptive_modes, 4, owner)
         layer = cls._like(module, r, modes)
-        _copy_from_dense(layer, module, cls._tucker_of_dense(w, r, tau, modes))
+        _copy_from_dense(layer, module, _checked_tucker_of_dense(cls, w, r, tau, modes))
         return layer
 
     @classmethod
@@ -989,6 +846,15 @@ def _copy_from_dense(layer: AbstractTuckerLayer, module: nn.Module, x: tm.Tucker
     if layer.bias is not None:
         layer.bias.requires_grad_(module.bias.requires_grad)
     layer.train(module.training)
+
+
+def _checked_tucker_of_dense(
+    cls: type, weight: torch.Tensor, ranks: tuple, tau: Any, modes: tuple
+) -> tm.TuckerTensor:
+    try:
+        return tucker_of_dense(weight.detach(), ranks, tau, modes)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{cls.__name__}.from_dense: {err}") from None
 
 
 def _pad_to(a: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -11,8 +11,6 @@ other parameters trained by torch's own functional SGD / Adam / AdamW.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,20 +23,11 @@ from tuckerman.integrations.torch._distributed import resolve_model
 from tuckerman.integrations.torch._layers import AbstractTuckerLayer
 
 from tuckerman import engine
+from tuckerman.validation import positive_int, real_number
 
 __all__ = ["TDLRT"]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _positive(value: Any, what: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a real number, got {value!r}")
-    value = float(value)
-    ok = value >= 0 if allow_zero else value > 0
-    if not (math.isfinite(value) and ok):
-        raise ValueError(f"{what} must be finite and {'>=' if allow_zero else '>'} 0, got {value}")
-    return value
 
 
 class TDLRT(torch.optim.Optimizer):
@@ -170,9 +159,9 @@ class TDLRT(torch.optim.Optimizer):
             )
         wrapper = model
         model, replicas = resolve_model(model)
-        _positive(lr, "lr")
+        real_number(lr, "lr", positive=True)
         config = engine.Config(
-            tau=_positive(tau, "tau", allow_zero=True),
+            tau=real_number(tau, "tau"),
             absolute=bool(absolute),
             inner=inner,
             momentum=momentum,
@@ -182,10 +171,7 @@ class TDLRT(torch.optim.Optimizer):
             weight_decay=weight_decay,
             rank_rule=rank_rule,
         ).checked()
-        if isinstance(augment_every, bool) or not isinstance(augment_every, numbers.Integral):
-            raise TypeError(f"augment_every must be a positive int, got {augment_every!r}")
-        if augment_every < 1:
-            raise ValueError(f"augment_every must be a positive int, got {augment_every}")
+        augment_every = positive_int(augment_every, "augment_every")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if second_pass not in ("replay", "closure"):

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import tuckerman.backends as backends
 from tuckerman._compat import is_array, namespace_of
 from tuckerman._tucker import TuckerTensor
-from tuckerman._validate import as_ranks
+from tuckerman.validation import as_ranks
 
 __all__ = [
     "PaddedTucker",
@@ -291,7 +291,7 @@ def _traced(a: Any) -> bool:
 
 def full_rank_caps(shape: Sequence[int], max_rank: Any = None) -> tuple[int, ...]:
     """Per mode the largest rank a Tucker tensor of ``shape`` can have, capped by ``max_rank``."""
-    from tuckerman._validate import full_ranks
+    from tuckerman.validation import full_ranks
 
     full = full_ranks(shape)
     if max_rank is None:

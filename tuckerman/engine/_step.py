@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 import tuckerman.backends as backends
 from tuckerman._compat import device_of, namespace_of
 from tuckerman._tucker import _mp, _others, _svd, _unfold
-from tuckerman._validate import check_tol, feasible_ranks_error, full_ranks
 from tuckerman.engine._padded import PaddedTucker, rank_mask
+from tuckerman.validation import feasible_ranks_error, full_ranks, real_number
 
 __all__ = [
     "Layout",
@@ -232,19 +232,18 @@ class Config(NamedTuple):
 
     def checked(self) -> Config:
         """The same config after validation (a clear error for every bad value)."""
-        _real(self.tau, "tau", lo=0.0)
-        check_tol(self.tau, "tau")
+        real_number(self.tau, "tau")
         if self.inner not in INNER:
             raise ValueError(f"inner must be one of {INNER}, got {self.inner!r}")
-        _real(self.momentum, "momentum", lo=0.0, below_one=True)
+        real_number(self.momentum, "momentum", below_one=True)
         if self.nesterov and (self.inner != "sgd" or self.momentum <= 0):
             raise ValueError("nesterov needs inner='sgd' and momentum > 0")
         if len(tuple(self.betas)) != 2:
             raise ValueError(f"betas must be a pair, got {self.betas!r}")
         for b in self.betas:
-            _real(b, "betas entries", lo=0.0, below_one=True)
-        _real(self.eps, "eps", lo=0.0, positive=True)
-        _real(self.weight_decay, "weight_decay", lo=0.0)
+            real_number(b, "betas entries", below_one=True)
+        real_number(self.eps, "eps", positive=True)
+        real_number(self.weight_decay, "weight_decay")
         rule = self.rank_rule
         if rule is None:
             rule = "update" if self.inner == "sgd" else "gradient"
@@ -260,16 +259,6 @@ class Config(NamedTuple):
             eps=float(self.eps),
             weight_decay=float(self.weight_decay),
         )
-
-
-def _real(value: Any, what: str, *, lo: float, positive: bool = False, below_one: bool = False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a real number, got {value!r}")
-    v = float(value)
-    ok = math.isfinite(v) and (v > lo if positive else v >= lo) and (v < 1 or not below_one)
-    if not ok:
-        rng = f"> {lo:g}" if positive else (f">= {lo:g} and < 1" if below_one else f">= {lo:g}")
-        raise ValueError(f"{what} must be finite and {rng}, got {value!r}")
 
 
 def state_size(config: Config) -> int:

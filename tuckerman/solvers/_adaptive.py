@@ -9,7 +9,6 @@ from typing import Any
 from tuckerman._manifold import FixedRankTucker
 from tuckerman._tdlrt import augment_basis, galerkin_step, truncate_core
 from tuckerman._tucker import TuckerTensor, _mp, add, scale
-from tuckerman._validate import check_tol
 from tuckerman.solvers._autodiff import rgrad_from_factor_grads, value_and_factor_grads
 from tuckerman.solvers._problem import Problem, TuckerDomain
 from tuckerman.solvers._result import (
@@ -21,6 +20,7 @@ from tuckerman.solvers._result import (
     positive_float,
     stopping,
 )
+from tuckerman.validation import check_tol
 
 __all__ = ["rank_adaptive"]
 

@@ -8,13 +8,13 @@ from typing import Any, NamedTuple
 
 from tuckerman._manifold import FixedRankTucker, TangentVector
 from tuckerman._tucker import TuckerTensor
-from tuckerman._validate import as_ranks, as_shape, feasible_ranks_error
 from tuckerman.solvers._autodiff import (
     AUTODIFF,
     rgrad_from_factor_grads,
     value_and_factor_grads,
 )
 from tuckerman.solvers._result import as_float, finite_float, host_float
+from tuckerman.validation import as_ranks, as_shape, feasible_ranks_error
 
 __all__ = ["Problem", "TuckerDomain"]
 

@@ -31,8 +31,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the test
 import tuckerman.backends as backends
 from tuckerman._compat import namespace_from_name
 from tuckerman._manifold import FixedRankTucker
-from tuckerman._validate import feasible_ranks
 from tuckerman.testing._build import conditioned_point
+from tuckerman.validation import feasible_ranks
 
 __all__ = [
     "shapes_and_ranks",

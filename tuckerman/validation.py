@@ -1,4 +1,5 @@
-"""Argument checks shared by the core. Every message names the value and the expectation."""
+"""Argument checks shared by the core and the integrations. Every message names the value and
+the expectation."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import numbers
 from typing import Any
 
 __all__ = [
+    "positive_int",
+    "int_pair",
+    "real_number",
     "as_shape",
     "as_ranks",
     "check_tol",
@@ -14,6 +18,43 @@ __all__ = [
     "feasible_ranks",
     "feasible_ranks_error",
 ]
+
+
+def positive_int(value: Any, what: str) -> int:
+    """A positive int (``TypeError`` for other types, ``ValueError`` for values below 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value}")
+    return int(value)
+
+
+def int_pair(value: Any, what: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each ``>= minimum``, as ``(h, w)``."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value, value)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{what} must be an int or a pair of ints, got {value!r}")
+        if v < minimum:
+            raise ValueError(f"{what} entries must be >= {minimum}, got {tuple(value)}")
+        out.append(int(v))
+    return out[0], out[1]
+
+
+def real_number(value: Any, what: str, *, positive: bool = False, below_one: bool = False) -> float:
+    """A finite real number ``>= 0`` (``> 0`` with ``positive``; ``< 1`` with ``below_one``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a real number, got {value!r}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > 0 if positive else v >= 0) and (v < 1 or not below_one)
+    if not ok:
+        rng = "> 0" if positive else (">= 0 and < 1" if below_one else ">= 0")
+        raise ValueError(f"{what} must be finite and {rng}, got {value!r}")
+    return v
 
 
 def _as_positive_ints(values: Any, what: str) -> tuple[int, ...]:
