@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 from torch import nn  # noqa: E402
-from train_helpers import read_report, without_times  # noqa: E402
+from train_helpers import dense_weights, read_report, without_times  # noqa: E402
 from tuckerman.integrations.torch import (  # noqa: E402
     AbstractTuckerLayer,
     TrainConfig,
@@ -403,26 +403,6 @@ DDP_COMMON += ("--dtype", "float64", "--dist-timeout", "60")
 DDP_ARGS = (*DDP_COMMON, "--ranks", "0.2")
 
 
-def _dense_weights(report: dict, out) -> dict[str, torch.Tensor]:
-    """The trained model's weights as dense tensors (Tucker layers multiplied out).
-
-    The factors themselves are not comparable across runs: at full rank the cores have nearly
-    equal singular values, whose singular vectors rounding may rotate within their span.
-    """
-    config = TrainConfig(**report["config"])
-    model = make_model(config, load_data(config), torch.device("cpu"))
-    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
-    weights = {
-        f"{name}.weight": module.dense_weight().detach()
-        for name, module in model.named_modules()
-        if isinstance(module, AbstractTuckerLayer)
-    }
-    for name, p in model.named_parameters():
-        if ".core" not in name and ".factors." not in name:
-            weights[name] = p.detach()
-    return weights
-
-
 def test_shard_weights_make_the_replicas_mean_the_global_mean():
     from tuckerman.integrations.torch._train import shard
 
@@ -458,7 +438,7 @@ def test_nproc_2_equals_one_process_on_the_global_batch(tmp_path):
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-12)
     assert two["test_accuracy_percent"] > 30  # it learned something (chance: 10%)
     assert two["history"][1]["train_loss"] < two["history"][0]["train_loss"] - 0.3
-    w1, w2 = _dense_weights(one, tmp_path / "one"), _dense_weights(two, tmp_path / "two")
+    w1, w2 = dense_weights(tmp_path / "one"), dense_weights(tmp_path / "two")
     assert w1.keys() == w2.keys() and len(w1) == 8
     for name in w1:
         assert w1[name].dtype == torch.float64

@@ -97,3 +97,28 @@ def save_images_npz(path: Path, n: int = 50, classes: int = 4, **changes) -> Pat
     arrays.update(changes)
     np.savez(path, **arrays)
     return path
+
+
+def dense_weights(folder: Path) -> dict:
+    """The trained model's weights in ``folder/model.pt`` as dense tensors (Tucker layers
+    multiplied out).
+
+    The factors themselves are not comparable across runs: at full rank the cores have nearly
+    equal singular values, whose singular vectors rounding may rotate within their span.
+    """
+    import torch
+    from tuckerman.integrations.torch import AbstractTuckerLayer, TrainConfig
+    from tuckerman.integrations.torch._train import load_data, make_model
+
+    config = TrainConfig(**{**read_report(folder)["config"], "out": None, "resume": None})
+    model = make_model(config, load_data(config), torch.device("cpu"))
+    model.load_state_dict(torch.load(Path(folder) / "model.pt", weights_only=True))
+    weights = {
+        f"{name}.weight": module.dense_weight().detach()
+        for name, module in model.named_modules()
+        if isinstance(module, AbstractTuckerLayer)
+    }
+    for name, p in model.named_parameters():
+        if ".core" not in name and ".factors." not in name:
+            weights[name] = p.detach()
+    return weights

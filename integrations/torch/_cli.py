@@ -202,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "tuckerman train"
     from tuckerman.integrations.torch._train import (
         OutputError,
+        ReplicaFailed,
         TrainingStopped,
         train,
     )
@@ -212,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except OutputError as err:
+        print(f"{prog}: failed: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    except ReplicaFailed as err:
+        if err.details:
+            print(err.details, file=sys.stderr)
         print(f"{prog}: failed: {_one_line(err)}", file=sys.stderr)
         return EXIT_FAILED
     except TrainingStopped as err:

@@ -16,6 +16,7 @@ the report (also written to ``report.json``, with checkpoints, ``metrics.jsonl``
 """
 
 from tuckerman.integrations.torch._train._command import (
+    ReplicaFailed,
     TrainingDiverged,
     TrainingInterrupted,
     TrainingStopped,
@@ -55,6 +56,7 @@ __all__ = [
     "METHODS",
     "OutputError",
     "RESUMABLE",
+    "ReplicaFailed",
     "SCHEDULES",
     "TrainConfig",
     "TrainingDiverged",

@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import logging
 import math
 import os
 import platform
@@ -76,9 +77,10 @@ from tuckerman.integrations.torch._train._report import (
 
 import tuckerman
 
-__all__ = ["TrainingDiverged", "TrainingInterrupted", "TrainingStopped", "train"]
+__all__ = ["ReplicaFailed", "TrainingDiverged", "TrainingInterrupted", "TrainingStopped", "train"]
 
 EXIT_DIVERGED = 3
+_GRACE_S = 5.0
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -109,6 +111,28 @@ class TrainingDiverged(TrainingStopped):
     """A non-finite loss or gradient (exit status 3); the last good checkpoint is kept."""
 
     exit_code = EXIT_DIVERGED
+
+
+class ReplicaFailed(RuntimeError):
+    """A replica of a data-parallel run crashed or was killed; the others were stopped.
+
+    ``str()`` is one line; ``details`` holds the replica's traceback when it raised.
+    """
+
+    def __init__(self, err: Exception, nproc: int, folder: str | None) -> None:
+        index = getattr(err, "error_index", "?")
+        text = str(err).strip()
+        self.details = text if "Traceback" in text else ""
+        cause = text.splitlines()[-1] if text else type(err).__name__
+        message = (
+            f"train with nproc {nproc}: the replica of rank {index} failed ({cause}) and the "
+            "others were stopped"
+        )
+        if folder is not None:
+            message += (
+                f"; continue from the last checkpoint with: tuckerman train --resume {folder}"
+            )
+        super().__init__(message)
 
 
 class _Stop(Exception):
@@ -820,12 +844,19 @@ def _launch(config: TrainConfig) -> dict:
                             process.pid, signal.SIGTERM if len(forwarded) == 1 else signal.SIGKILL
                         )
 
+        # torch logs each SIGTERM / SIGKILL it sends to a replica; the failure is reported once
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        log_level = spawn_log.level
+        spawn_log.setLevel(logging.ERROR)
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 handlers[s] = signal.signal(s, forward)
         try:
-            while not context.join():  # raises when a replica fails, after stopping the others
+            # join raises when a replica fails, after stopping the others: SIGTERM once they had
+            # `grace` seconds to end by themselves, SIGKILL after as many more (a replica that
+            # waits in a collective for a dead peer does not reach its next step boundary)
+            while not context.join(grace_period=_GRACE_S):
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
             outcome = _read_outcome(tmp, err.error_index)
@@ -839,11 +870,10 @@ def _launch(config: TrainConfig) -> dict:
                     folder=None,
                     checkpoint_step=None,
                 ) from None
-            raise RuntimeError(
-                f"train with nproc {config.nproc}: the replica of rank {err.error_index} failed "
-                f"and the others were stopped:\n{err}"
-            ) from None
+            folder = config.resume if config.resume is not None else config.out
+            raise ReplicaFailed(err, config.nproc, folder) from None
         finally:
+            spawn_log.setLevel(log_level)
             for s, handler in handlers.items():
                 signal.signal(s, handler)
             for process in context.processes:  # e.g. after KeyboardInterrupt

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 from tuckerman.integrations.torch._train._config import ConfigError, TrainConfig
 
 __all__ = ["MAX_CLASSES", "Data", "load_data"]
+
+# what reading a damaged or foreign .npz raises
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 MAX_CLASSES = 10_000
 """Largest number of classes accepted (labels 0 .. MAX_CLASSES - 1): far more than the
@@ -136,7 +141,7 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
         raise ConfigError(f"data file {str(p)!r} does not exist")
     try:
         f = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except _READ_ERRORS as err:
         raise ConfigError(f"cannot read {str(p)!r} as an .npz file: {err}") from None
     if not isinstance(f, np.lib.npyio.NpzFile):
         raise ConfigError(f"{str(p)!r} holds a single array, not an .npz archive of named arrays")
@@ -162,7 +167,7 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
                     f"{p}: expected arrays 'images' and 'labels', or 'x_train', 'y_train', "
                     f"'x_test', 'y_test'; found {sorted(keys)}"
                 )
-    except (OSError, ValueError, EOFError) as err:
+    except _READ_ERRORS as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"cannot read {str(p)!r}: {err}") from None

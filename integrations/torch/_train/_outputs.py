@@ -104,7 +104,31 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> int:
+class _Recorder:
+    """A binary file that remembers the ``OSError`` of a failed write or flush: writers such as
+    ``torch.save`` turn it into an error of their own (``RuntimeError: unexpected pos``) that
+    names neither the file nor the cause."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
+
+def write_atomic(path: Path, write: Callable[[Any], Any]) -> int:
     """Write ``path`` through ``write(file)`` atomically; returns the size in bytes.
 
     The data go to a temporary file next to ``path`` (created exclusively, so not through a
@@ -120,9 +144,11 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> int:
         )
     except OSError as err:
         raise OutputError(path, err) from None
+    recorder = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorder = _Recorder(f)
+            write(recorder)
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
@@ -130,8 +156,9 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> int:
     except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(err, OSError) and not isinstance(err, OutputError):
-            raise OutputError(path, err) from None
+        cause = recorder.error if recorder is not None and recorder.error is not None else err
+        if isinstance(cause, OSError) and not isinstance(cause, OutputError):
+            raise OutputError(path, cause) from None
         raise
     _fsync_folder(folder)
     return size
@@ -226,6 +253,18 @@ def _first_existing(path: Path) -> Path:
     return Path(".")
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` (a folder) cannot be written to, or None when it can."""
+    if os.access(path, os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1):
+            return describe_os_error(OSError(errno.EROFS, "read-only"))
+    except (OSError, AttributeError):
+        pass
+    return describe_os_error(OSError(errno.EACCES, "permission denied"))
+
+
 def preflight(out: str | None, *, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that cannot be used, before anything is loaded or written.
 
@@ -233,10 +272,9 @@ def preflight(out: str | None, *, resume: bool, overwrite: bool) -> None:
     """
     if out is None:
         base = _first_existing(Path("runs"))
-        if not os.access(base, os.W_OK | os.X_OK):
-            raise ConfigError(
-                f"cannot create the output folder under {str(base)!r}: permission denied"
-            )
+        why = _unwritable(base)
+        if why is not None:
+            raise ConfigError(f"cannot create the output folder under {str(base)!r}: {why}")
         return
     path = Path(out).expanduser()
     _refuse_non_folder(path)
@@ -258,8 +296,9 @@ def preflight(out: str | None, *, resume: bool, overwrite: bool) -> None:
         target = path
     else:
         target = _first_existing(path)
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to {str(target)!r}: permission denied")
+    why = _unwritable(target)
+    if why is not None:
+        raise ConfigError(f"cannot write to {str(target)!r}: {why}")
 
 
 class RunFolder:
