@@ -366,6 +366,22 @@ def test_help_is_generated_from_the_config_fields(capsys):
     assert "(default: 0.14)" in text and "(default: a new runs/<date>-<time>)" in text
 
 
+def test_every_option_is_in_the_options_table_of_the_docs():
+    import dataclasses
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "train.md"
+    if not docs.is_file():
+        pytest.skip("docs/ is not next to the tests (an installed copy)")
+    table = [line for line in docs.read_text().splitlines() if line.startswith("| `--")]
+    documented = {line.split("`")[1].split()[0] for line in table}
+    flags = {
+        "--no-progress" if f.name == "progress" else "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(TrainConfig)
+    }
+    assert documented == flags
+
+
 def test_cifar10_without_torchvision_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
     monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
@@ -523,3 +539,41 @@ def test_bad_data_in_a_data_parallel_run_exits_2_before_writing(tmp_path, capsys
     err = capsys.readouterr().err
     assert "label 99999 at index 39" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "a").exists()
+
+
+# --------------------------------------------------------------------------- progress
+def test_progress_is_bars_on_a_terminal_and_lines_elsewhere():
+    import io
+
+    from tuckerman.integrations.torch._train._progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert Progress(True, Terminal()).mode == "bar"
+    assert Progress(True, io.StringIO()).mode == "lines"
+    assert Progress(False, Terminal()).mode == "off"
+    stream = io.StringIO()
+    progress = Progress(True, stream, interval=0.0)
+    bar = progress.bar("epoch 1/1", 3)
+    for _ in range(3):
+        bar.update(1, "loss=1.0")
+    bar.close("epoch 1/1: done")
+    lines = stream.getvalue().splitlines()
+    assert lines == ["epoch 1/1: 1/3 steps (33%), " + lines[0].split(", ", 1)[1],
+                     lines[1], "epoch 1/1: done"]  # fmt: skip
+    assert "2/3 steps (67%)" in lines[1] and lines[1].endswith("loss=1.0")
+
+
+def test_progress_written_to_a_file_is_plain_lines_with_the_real_epoch_count(tmp_path, capsys):
+    # --max-steps 3 with 2 steps per epoch: the run has 2 epochs of the 3 asked for
+    out = tmp_path / "run"
+    args = ["train", "--subset", "64", "--epochs", "3", "--max-steps", "3", "--ranks", "8"]
+    assert main([*args, "--checkpoint-every", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "epoch 1/2: 2 steps in" in err and "epoch 2/2: 1 steps in" in err
+    assert "epoch 1/3" not in err
+    assert "epoch 1/2: train loss " in err and "% (evaluation " in err
+    assert f"checkpoint at step 1: {out}/checkpoint.pt (" in err

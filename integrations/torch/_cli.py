@@ -66,8 +66,8 @@ def _version() -> str:
     try:
         import torch
 
-        torch_version = torch.__version__
-    except ImportError:  # pragma: no cover - the console script needs torch
+        torch_version = str(torch.__version__)
+    except ImportError:  # the console script needs torch, but --version should still answer
         torch_version = "not installed"
     import numpy
 

@@ -278,16 +278,17 @@ class _Session:
         self.folder: RunFolder | None = None
         self.replica: _Replica | None = None
         self.checkpoint_step: int | None = None
-        self.checkpoint_epoch: int | None = None
         self.bar: Any = None
+        self._clock = (time.perf_counter(), 0.0)  # (start of this session, time of the earlier)
 
     # ------------------------------------------------------------------ set-up
     def run(self) -> dict | None:
         config = self.config
         saved = None
+        resuming = config.resume is not None
+        out = config.resume if resuming else config.out
         if self.rank == 0:
-            preflight(config.out if config.resume is None else config.resume,
-                      resume=config.resume is not None, overwrite=config.overwrite)  # fmt: skip
+            preflight(out, resume=resuming, overwrite=config.overwrite)
         if config.resume is not None:
             saved = _checkpoint.load(config.resume)
             _check_resume(config, saved["config"])
@@ -318,26 +319,31 @@ class _Session:
             _checkpoint.restore_rng(saved["rng"], data_rng, self.device)
             state.restore(saved)
             self.checkpoint_step = state.position.steps
-            self.checkpoint_epoch = state.position.epoch
         if self.rank == 0:
-            out = config.resume if config.resume is not None else config.out
-            self.folder = RunFolder.prepare(
-                out, resume=config.resume is not None, overwrite=config.overwrite
-            )
+            self.folder = RunFolder.prepare(out, resume=resuming, overwrite=config.overwrite)
             self.config.out = str(self.folder.path)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.data, self.data_rng, self.state = data, data_rng, state
         try:
-            return self._train(model, forward, optimizer, scheduler, data, data_rng, state)
+            return self._train()
         finally:
             if self.folder is not None:
                 self.folder.release()
 
     # ------------------------------------------------------------------ training
-    def _train(self, model, forward, optimizer, scheduler, data, data_rng, state) -> dict | None:
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.data, self.data_rng, self.state = data, data_rng, state
-        config, plan, pos = self.config, state.plan, state.position
+    def _train(self) -> dict | None:
+        config, state = self.config, self.state
+        plan, pos = state.plan, state.position
+        if self.replica is None and self.stops.received is not None:  # during the set-up
+            raise TrainingInterrupted(
+                f"interrupted by {_signal_name(self.stops.received)} before the first step of "
+                "this session: nothing new was trained or written",
+                signal_number=self.stops.received,
+                folder=self._folder_name(),
+                checkpoint_step=self.checkpoint_step,
+            )
         if self.folder is not None:
-            self._warn_if_little_space(model)
+            self._warn_if_little_space(self.model)
             if config.resume is not None:
                 write_metrics(self.folder.path, state.history, append=False)  # as checkpointed
                 state.resumed.append({"step": pos.steps, "at": _now()})
@@ -526,7 +532,9 @@ class _Session:
             )
             raise OutputError(path, OSError(err.errno, err.cause), note) from None
         seconds = time.perf_counter() - start
-        self.checkpoint_step, self.checkpoint_epoch = pos.steps, pos.epoch
+        if self.bar is not None:
+            self.bar.status(None)
+        self.checkpoint_step = pos.steps
         if self.progress.mode == "lines" or seconds > 1.0:
             self.progress.line(
                 f"checkpoint at step {pos.steps}: {path} ({size / 1e6:.1f} MB, {seconds:.2f} s)"

@@ -7,6 +7,7 @@ On a terminal: tqdm bars. Otherwise (a log file, a pipe, a batch system): one pl
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import IO, Any
@@ -53,10 +54,11 @@ class _Bar:
                 self._last = now
                 self._progress.line(self._text(now))
 
-    def status(self, text: str) -> None:
-        """A passing note (e.g. "saving checkpoint") on the bar; nothing in line mode."""
+    def status(self, text: str | None) -> None:
+        """A passing note (e.g. "saving checkpoint") on the bar, None to put back the usual
+        postfix; nothing in line mode."""
         if self._tqdm is not None:
-            self._tqdm.set_postfix_str(text)
+            self._tqdm.set_postfix_str(self._postfix if text is None else text)
 
     def _text(self, now: float) -> str:
         pct = 100 * self.n / self.total if self.total else 100.0
@@ -90,8 +92,7 @@ class Progress:
         self.interval = interval
         self.mode = "off"
         if enabled:
-            isatty = getattr(self.stream, "isatty", None)
-            self.mode = "bar" if isatty is not None and isatty() and _has_tqdm() else "lines"
+            self.mode = "bar" if _is_terminal(self.stream) and _has_tqdm() else "lines"
 
     def bar(
         self, desc: str, total: int, unit: str = "step", initial: int = 0, delay: float = 0.0
@@ -109,6 +110,18 @@ class Progress:
             tqdm.write(text, file=self.stream)
         else:
             print(text, file=self.stream, flush=True)
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    """A terminal with a width (a pseudo-terminal of 0 columns, as some batch systems give,
+    would show empty bars)."""
+    isatty = getattr(stream, "isatty", None)
+    if isatty is None or not isatty():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return True  # a terminal-like object without a file descriptor (e.g. a notebook)
 
 
 def _has_tqdm() -> bool:

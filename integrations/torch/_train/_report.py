@@ -209,6 +209,7 @@ def _rank_lines(plt: Any, layers: list[dict], history: list[dict]) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="upper right")
     axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     return fig
 
 
@@ -237,6 +238,7 @@ def _rank_map(plt: Any, layers: list[dict], history: list[dict]) -> Any:
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(labels, fontsize=6)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     colorbar = fig.colorbar(mesh, ax=ax, fraction=0.03, pad=0.02)
     colorbar.set_label("rank / full rank")
     return fig
