@@ -163,7 +163,7 @@ def test_sigkill_in_the_second_epoch_resumes_from_the_last_checkpoint(tmp_path, 
 def test_an_interruption_during_evaluation_evaluates_again_on_resume(tmp_path, monkeypatch):
     """SIGINT arrives while the test set is evaluated (in this process): the checkpoint says
     the epoch is trained, and the resumed run evaluates it and goes on as the run left alone."""
-    import tuckerman.integrations.torch._train._command as command
+    import tuckerman.integrations.torch._train._run as command
 
     config = dict(subset=300, epochs=2, batch_size=30, ranks=0.3, tau=0.1, progress=False)
     config.update(threads=1, checkpoint_every=0)

@@ -12,16 +12,11 @@ the report (also written to ``report.json``, with checkpoints, ``metrics.jsonl``
 - ``_outputs``: the output folder (never clobbered, locked) and atomic writes;
 - ``_report``: ``report.json`` (strict JSON), ``metrics.jsonl``, the plots;
 - ``_progress``: bars on a terminal, periodic lines otherwise;
-- ``_command``: :func:`train`, signals, the data-parallel launcher.
+- ``_run``: one process's run (checkpoints, signals, the endings of a run);
+- ``_command``: :func:`train`, the data-parallel launcher and replicas.
 """
 
-from tuckerman.integrations.torch._train._command import (
-    ReplicaFailed,
-    TrainingDiverged,
-    TrainingInterrupted,
-    TrainingStopped,
-    train,
-)
+from tuckerman.integrations.torch._train._command import ReplicaFailed, train
 from tuckerman.integrations.torch._train._config import (
     DATASETS,
     DEVICES,
@@ -44,6 +39,11 @@ from tuckerman.integrations.torch._train._loop import (
     shard,
 )
 from tuckerman.integrations.torch._train._outputs import OutputError
+from tuckerman.integrations.torch._train._run import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    TrainingStopped,
+)
 
 __all__ = [
     "ConfigError",

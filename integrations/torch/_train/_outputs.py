@@ -301,6 +301,20 @@ def preflight(out: str | None, *, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"cannot write to {str(target)!r}: {why}")
 
 
+def _make_folder(path: Path, **mkdir: Any) -> None:
+    """``path.mkdir(**mkdir)``; an error other than ``FileExistsError`` as ConfigError."""
+    try:
+        path.mkdir(**mkdir)
+    except FileExistsError:
+        if not mkdir.get("exist_ok"):
+            raise
+        raise ConfigError(f"output folder {str(path)!r} is not a folder") from None
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the output folder {str(path)!r}: {describe_os_error(err)}"
+        ) from None
+
+
 class RunFolder:
     """The locked output folder of a live run (rank 0 only); see :func:`RunFolder.prepare`."""
 
@@ -318,12 +332,7 @@ class RunFolder:
         else:
             path = Path(out).expanduser()
             preflight(out, resume=resume, overwrite=overwrite)
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise ConfigError(
-                    f"cannot create the output folder {str(path)!r}: {describe_os_error(err)}"
-                ) from None
+            _make_folder(path, parents=True, exist_ok=True)
         folder = cls(path, cls._lock(path))
         try:
             entries = _contents(path)
@@ -343,23 +352,14 @@ class RunFolder:
 
     @staticmethod
     def _fresh(base: Path, stamp: str) -> Path:
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(
-                f"cannot create the output folder {str(base)!r}: {describe_os_error(err)}"
-            ) from None
+        _make_folder(base, parents=True, exist_ok=True)
         for i in range(1, 10_000):
             path = base / (stamp if i == 1 else f"{stamp}-{i}")
             try:
-                path.mkdir()
+                _make_folder(path)
                 return path
-            except FileExistsError:
+            except FileExistsError:  # another run took the name: try the next
                 continue
-            except OSError as err:
-                raise ConfigError(
-                    f"cannot create the output folder {str(path)!r}: {describe_os_error(err)}"
-                ) from None
         raise ConfigError(f"no free output folder name {stamp}-N under {str(base)!r}")
 
     @staticmethod

@@ -116,9 +116,14 @@ def _method_title(config: dict) -> str:
     return "dense"
 
 
-def _save(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Lay out, render and write ``fig`` as a PNG (atomically), and close it."""
+    try:
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     write_atomic(path, lambda f: f.write(buffer.getvalue()))
 
 
@@ -155,11 +160,7 @@ def write_plots(report: dict, folder: Path) -> list[str]:
     ax.set_title(f"{title}: accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    try:
-        _save(fig, folder / "accuracy.png")
-    finally:
-        plt.close(fig)
+    _save(plt, fig, folder / "accuracy.png")
     written.append("accuracy.png")
 
     rank_history = report["rank_history"]
@@ -171,11 +172,7 @@ def write_plots(report: dict, folder: Path) -> list[str]:
             else _rank_map(plt, layers, rank_history)
         )
         fig.suptitle(f"{title}: ranks per step")
-        fig.tight_layout()
-        try:
-            _save(fig, folder / "ranks.png")
-        finally:
-            plt.close(fig)
+        _save(plt, fig, folder / "ranks.png")
         written.append("ranks.png")
     return written
 
