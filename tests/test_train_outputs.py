@@ -295,15 +295,16 @@ def test_a_failed_final_report_leaves_the_earlier_report_intact(tmp_path, capsys
 def test_a_file_size_limit_names_the_file_and_leaves_no_partial_file(tmp_path):
     """A real write error from the OS: the process may not write files larger than 64 kB
     (RLIMIT_FSIZE), so the first checkpoint (several hundred kB) fails with EFBIG."""
-    resource = pytest.importorskip("resource")
+    pytest.importorskip("resource")
     out = tmp_path / "run"
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
-
+    # a small Python sets the limit and execs the command (no fork of this multithreaded
+    # process, as preexec_fn would do)
+    limited = "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (64000, 64000))"
+    limited += "; os.execv(sys.argv[1], sys.argv[1:])"
+    command = cli(*CHECKPOINTED, "--out", str(out))
     done = subprocess.run(
-        cli(*CHECKPOINTED, "--out", str(out)), capture_output=True, text=True, env=env(),
-        preexec_fn=limit, timeout=300,
+        [sys.executable, "-c", limited, *command], capture_output=True, text=True, env=env(),
+        timeout=300,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     line = one_error_line(done.stderr, "tuckerman train: failed: ")
