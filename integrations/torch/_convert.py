@@ -220,7 +220,14 @@ def compression_report(model: nn.Module) -> dict:
             )
     total = sum(layer["parameters"] for layer in layers)
     dense = sum(layer["dense_parameters"] for layer in layers)
-    model_total = sum(p.numel() for p in model.parameters())
+    # Tucker layers count at their true ranks (their parameters may be padded to a capacity)
+    tucker_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, AbstractTuckerLayer)
+        for p in m.parameters(recurse=False)
+    } | {id(u) for m in model.modules() if isinstance(m, AbstractTuckerLayer) for u in m.factors}
+    model_total = total + sum(p.numel() for p in model.parameters() if id(p) not in tucker_ids)
     return {
         "layers": layers,
         "parameters": total,
