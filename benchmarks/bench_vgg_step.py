@@ -1,6 +1,6 @@
 """Cost of one TDLRT training step on a VGG-like network, against the dense training step.
 
-Model: ``vgg-small`` (``tuckerman.integrations.torch._models``: six 3×3 conv-BN-ReLU layers,
+Model: ``vgg-small`` (``tuckerman.integrations.torch.build_model``: six 3×3 conv-BN-ReLU layers,
 64-128-256 channels, global average pooling, fc 256→256, fc 256→10) on 3×32×32 inputs (CIFAR
 shape), batch 64 of random data (Gaussian images, uniform labels), float32, CPU. The factorized
 model is ``tuckerize(model, ranks=0.15, init="random")``: every conv but the first and fc
@@ -70,8 +70,7 @@ import torch.nn.functional as F
 from _common import BUSY_SHARE, CpuMonitor, wait_until_idle  # noqa: E402
 from bench_mnist_study import environment  # noqa: E402
 from torch import nn
-from tuckerman.integrations.torch import TDLRT, compression_report, tuckerize
-from tuckerman.integrations.torch._models import build_model
+from tuckerman.integrations.torch import TDLRT, build_model, compression_report, tuckerize
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "vgg_step.json"
