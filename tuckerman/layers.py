@@ -129,7 +129,7 @@ def check_adaptive_modes(adaptive_modes: Any, d: int, owner: str = "adaptive_mod
             f"got {adaptive_modes!r}"
         ) from None
     for m in modes:
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 0 <= m < d:
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 0 <= int(m) < d:
             raise ValueError(
                 f"{owner}: adaptive_modes entries must be modes in [0, {d}), got {modes!r}"
             )

@@ -450,7 +450,8 @@ def augment(
                 qs[jobs[j]] = q[g_idx, ...]
     out_points, out_maps = [], []
     for i, (lay, p) in enumerate(zip(layouts, points)):
-        core, factors, maps = p.core, [], []
+        core, factors = p.core, []
+        maps: list[Any] = []
         for k in range(lay.ndim):
             if lay.skip[k]:
                 factors.append(p.factors[k])
@@ -601,7 +602,7 @@ def _one_minus_power(xp: Any, beta: float, count: Any, like: Any) -> Any:
     by 1e-5); ``-expm1(count log(beta))`` keeps them. A Python count is computed in float64.
     """
     if isinstance(count, numbers.Real):
-        return 1.0 - beta**count
+        return 1.0 - beta ** float(count)
     if beta == 0.0:
         return xp.ones_like(xp.astype(count, like.dtype))
     return -xp.expm1(xp.astype(count, like.dtype) * math.log(beta))
@@ -776,7 +777,8 @@ def truncate(
         wanted_all.append(r_new)
         cap = tuple(int(c) for c in out_capacity[i])
         r_out = xp.stack([xp.minimum(r_new[k], _full(xp, c, r_new)) for k, c in enumerate(cap)])
-        maps, core, factors = [], p.core, []
+        core, factors = p.core, []
+        maps: list[Any] = []
         for k in range(d):
             if lay.skip[k]:
                 maps.append(None)
