@@ -78,6 +78,7 @@ from tuckerman.integrations.torch import (
 )
 
 from tuckerman.datasets import load_mnist
+from tuckerman.layers import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "adapters.json"
@@ -170,15 +171,20 @@ def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def held_tucker_parameters(model: nn.Module) -> int:
-    """Trainable entries the model evaluates now: a Tucker layer counts its active weights
-    (the augmented point during a second closure evaluation of TDLRT, else its live block or
-    capacity); every other trainable parameter as it is."""
+def in_step_tucker_parameters(model: nn.Module) -> int:
+    """Trainable entries inside a TDLRT step: every Tucker layer at its augmented ranks
+    (``min(2 r_k, n_k)`` in each adaptive mode, the bases TDLRT's Galerkin step trains before it
+    truncates), every other trainable parameter as it is. This is the transient peak; the count
+    between steps is :func:`~tuckerman.integrations.torch.adapter_report`'s."""
     total, seen = 0, set()
     for m in model.modules():
         if isinstance(m, AbstractTuckerLayer):
-            core, factors = m.active_weights()
-            total += core.numel() + sum(u.numel() for u in factors)
+            shape = m.weight_shape
+            ranks = [
+                min(2 * r, n) if k in m.adaptive_modes else r
+                for k, (r, n) in enumerate(zip(m.ranks, shape))
+            ]
+            total += count_parameters(shape, ranks, bias=False)
             seen.update(id(p) for p in (m.core, *m.factors))
     return total + sum(
         p.numel() for p in model.parameters() if p.requires_grad and id(p) not in seen
@@ -340,8 +346,6 @@ def train_tucker(
 
     def closure_for(xb: torch.Tensor, yb: torch.Tensor) -> Callable[[], torch.Tensor]:
         def closure() -> torch.Tensor:
-            nonlocal peak
-            peak = max(peak, held_tucker_parameters(model))  # the 2nd call: augmented bases
             opt.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
@@ -350,14 +354,14 @@ def train_tucker(
         return closure
 
     for idx in batches(len(y), args.batch, args.epochs, seed):
+        peak = max(peak, in_step_tucker_parameters(model))  # this step's augmented bases
         opt.step(closure_for(x[idx], y[idx]))
         steps += 1
         history.append(adapter_report(model)["adapter_parameters"])  # at the true ranks
-        peak = max(peak, held_tucker_parameters(model))
     return {
         "seconds": time.perf_counter() - start,
         "skipped_steps": steps - len(opt.rank_history),
-        "peak_trainable_parameters": max(peak, *history),  # held, augmented or at capacity
+        "peak_trainable_parameters": max(peak, *history),  # inside a step: augmented
         "peak_between_steps": max(history),
         "parameter_history": history,
     }

@@ -10,6 +10,7 @@ that skips the validation (``cls._make``) fixes that; flattening is unchanged (l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,17 +24,21 @@ __all__ = ["stack_points", "unstack_points"]
 _REGISTERED = False
 
 
+def _children(t: Any) -> tuple[tuple[Any, Any], None]:
+    return (t[0], t[1]), None
+
+
+def _rebuild(cls: Any, _aux: None, children: Any) -> Any:
+    return cls._make(children)
+
+
 def _register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
     for cls in (tm.TuckerTensor, tm.TangentVector):
         try:
-            jax.tree_util.register_pytree_node(
-                cls,
-                lambda t: ((t[0], t[1]), None),
-                lambda _, children, cls=cls: cls._make(children),
-            )
+            jax.tree_util.register_pytree_node(cls, _children, functools.partial(_rebuild, cls))
         except ValueError:  # registered already (e.g. by the core in a later version)
             pass
     _REGISTERED = True
@@ -57,7 +62,7 @@ def stack_points(points: Sequence[Any]) -> Any:
     points = list(points)
     if not points:
         raise ValueError("stack_points needs at least one point, got an empty sequence")
-    first = jax.tree_util.tree_structure(points[0])
+    first: Any = jax.tree_util.tree_structure(points[0])
     for i, p in enumerate(points):
         if jax.tree_util.tree_structure(p) != first:
             raise ValueError(

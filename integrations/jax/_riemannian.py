@@ -121,7 +121,7 @@ def tangent_momentum(decay: float, nesterov: bool = False) -> optax.GradientTran
 
     def init_fn(params: Any) -> TangentMomentumState:
         leaves, treedef = _flat(params)
-        buffers = []
+        buffers: list[Any] = []
         for x in leaves:
             if isinstance(x, tm.TuckerTensor):
                 buffers.append(_manifold(x).zero_tangent(x))

@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -189,7 +189,8 @@ def _check_splits(value: Any, what: str) -> int | tuple[int, ...]:
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         sizes = tuple(value)
         if len(sizes) < 2 or not all(
-            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in sizes
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 1
+            for s in sizes
         ):
             raise ValueError(f"{bad} (at least two, each >= 1), got {value!r}")
         return tuple(int(s) for s in sizes)
@@ -398,7 +399,7 @@ def _new_update(
     base: nn.Module, rows: tuple[int, int] | None, ranks: Any, modes: Any, init: str, owner: str
 ) -> AbstractTuckerLayer:
     """A bias-free Tucker layer for ``ΔW`` (rows ``rows`` of a fused linear weight), zero core."""
-    w = base.weight
+    w = cast(torch.Tensor, base.weight)
     kw: dict[str, Any] = {"bias": False, "device": w.device, "dtype": w.dtype}
     layer: AbstractTuckerLayer
     if isinstance(base, nn.Conv2d):
@@ -501,6 +502,8 @@ class TuckerAdapter(nn.Module):
     [(8, 8), (8, 8), (8, 8)]
     """
 
+    _unmerged_weight: torch.Tensor | None
+
     def __init__(
         self,
         base: nn.Module,
@@ -534,7 +537,7 @@ class TuckerAdapter(nn.Module):
         if init not in _INITS:
             raise ValueError(f"{owner}: init must be one of {_INITS}, got {init!r}")
         scale = _check_scale(scale, owner)
-        w = base.weight
+        w = cast(torch.Tensor, base.weight)
         if not w.dtype.is_floating_point:
             raise TypeError(f"{owner}: the base weight must be floating point, got {w.dtype}")
         modes = check_adaptive_modes(
@@ -568,18 +571,23 @@ class TuckerAdapter(nn.Module):
         self.train(base.training)
 
     @property
+    def _base_weight(self) -> torch.Tensor:
+        return cast(torch.Tensor, self.base.weight)
+
+    @property
     def deltas(self) -> tuple[AbstractTuckerLayer, ...]:
         """The Tucker layers holding the update: one, or one per output slice."""
         if isinstance(self.delta, nn.ModuleList):
-            return tuple(self.delta)  # type: ignore[arg-type]
-        return (self.delta,)  # type: ignore[return-value]
+            return tuple(cast(AbstractTuckerLayer, m) for m in self.delta)
+        return (cast(AbstractTuckerLayer, self.delta),)
 
     # ------------------------------------------------------------------ evaluation
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.base, nn.Embedding):
             # the weights the layer's own forward would use (the live block, or the augmented
             # point TDLRT installs for its second gradient evaluation)
-            core, (u_rows, u_cols) = self.delta.active_weights()  # (r1, r2); (num, r1), (dim, r2)
+            # core (r1, r2); u_rows (num, r1), u_cols (dim, r2)
+            core, (u_rows, u_cols) = self.deltas[0].active_weights()
             out = F.embedding(x, u_rows) @ (core @ u_cols.mT)
             if self.base.padding_idx is not None:  # the padding row stays W₀'s
                 out = out.masked_fill((x == self.base.padding_idx).unsqueeze(-1), 0.0)
@@ -622,8 +630,8 @@ class TuckerAdapter(nn.Module):
         if self.merged:
             raise ValueError(f"{self._owner()} is already merged (merge_adapters called twice?)")
         with torch.no_grad():
-            w0 = self.base.weight.detach().clone()
-            self.base.weight.add_(self.delta_weight().to(w0.dtype))
+            w0 = self._base_weight.detach().clone()
+            self._base_weight.add_(self.delta_weight().to(w0.dtype))
         self._unmerged_weight = w0
         self.merged = True
 
@@ -632,7 +640,7 @@ class TuckerAdapter(nn.Module):
         if not self.merged:
             raise ValueError(f"{self._owner()} is not merged; there is nothing to unmerge")
         with torch.no_grad():
-            self.base.weight.copy_(self._unmerged_weight)
+            self._base_weight.copy_(cast(torch.Tensor, self._unmerged_weight))
         self._unmerged_weight = None
         self.merged = False
 
@@ -1203,13 +1211,13 @@ def _layer_record(name: str, a: TuckerAdapter) -> dict[str, Any]:
     return {
         "name": name,
         "base_type": type(a.base).__name__,
-        "weight_shape": list(a.base.weight.shape),
+        "weight_shape": list(a._base_weight.shape),
         "splits": None if a.splits is None else list(a.splits),
         "scale": a.scale,
         "adaptive_modes": list(a.deltas[0].adaptive_modes),
         "init": a.init,
         "ranks": [list(d.ranks) for d in a.deltas],
-        "dtype": str(a.base.weight.dtype).removeprefix("torch."),
+        "dtype": str(a._base_weight.dtype).removeprefix("torch."),
     }
 
 
@@ -1429,7 +1437,7 @@ def adapter_report(model: nn.Module) -> dict:
         {
             "name": name,
             "base_type": type(a.base).__name__,
-            "weight_shape": list(a.base.weight.shape),
+            "weight_shape": list(a._base_weight.shape),
             "ranks": (
                 list(a.deltas[0].ranks) if a.splits is None else [list(d.ranks) for d in a.deltas]
             ),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 from tuckerman.integrations.torch._layers import AbstractTuckerLayer, TuckerConv2d, TuckerLinear
 
@@ -161,7 +162,7 @@ def _convert(
     modes = (0, 1) if adaptive_modes is None else adaptive_modes
     if init == "hosvd":
         return cls._from_dense(module, spec, tau, modes, clip=True)
-    w = module.weight
+    w = cast(torch.Tensor, module.weight)
     owner = f"tuckerize: layer {name!r} ({module})"
     r = resolve_ranks(tuple(w.shape), spec, owner=owner, clip=True)
     layer: AbstractTuckerLayer = cls._like(module, r, modes)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 import tuckerman.backends as backends
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 import tuckerman as tm
 from tuckerman.engine import PaddedTucker
@@ -316,7 +317,7 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
 
     def _reallocate(self, capacity: Sequence[int]) -> None:
         """New zero parameters at ``capacity`` (same dtype, device and requires_grad flags)."""
-        kw = {"device": self.core.device, "dtype": self.core.dtype}
+        kw: dict[str, Any] = {"device": self.core.device, "dtype": self.core.dtype}
 
         def fresh(shape: tuple[int, ...], old: nn.Parameter) -> nn.Parameter:
             return nn.Parameter(torch.zeros(shape, **kw), requires_grad=old.requires_grad)
@@ -396,10 +397,11 @@ class AbstractTuckerLayer(nn.Module, abc.ABC):
         """
         key = prefix + "core"
         core = state_dict.get(key)
-        factors = [state_dict.get(f"{prefix}factors.{k}") for k in range(len(self.factors))]
+        found = [state_dict.get(f"{prefix}factors.{k}") for k in range(len(self.factors))]
+        factors = [u for u in found if isinstance(u, torch.Tensor)]
         if (
             isinstance(core, torch.Tensor)
-            and all(isinstance(u, torch.Tensor) for u in factors)
+            and len(factors) == len(found)
             and core.ndim == len(factors)
             and all(
                 tuple(u.shape) == (n, r) for u, n, r in zip(factors, self._weight_shape, core.shape)
@@ -734,7 +736,7 @@ class TuckerConv2d(AbstractTuckerLayer):
         else:
             padding = self.padding
         shape = (u1.shape[1], u2.shape[1], *self.kernel_size)
-        k = torch.nn.grad.conv2d_weight(h, shape, gh, self.stride, padding, self.dilation)
+        k = conv2d_weight(h, shape, gh, self.stride, padding, self.dilation)
         return torch.einsum("abij,ik,jl->abkl", k, u3, u4)
 
     @classmethod
@@ -839,12 +841,12 @@ def _copy_from_dense(layer: AbstractTuckerLayer, module: nn.Module, x: tm.Tucker
             layer._reallocate(x.ranks)
         layer._write(x.core, list(x.factors), x.ranks)
         if layer.bias is not None:
-            layer.bias.copy_(module.bias)
-    requires_grad = module.weight.requires_grad
+            layer.bias.copy_(cast(torch.Tensor, module.bias))
+    requires_grad = cast(torch.Tensor, module.weight).requires_grad
     for p in (layer.core, *layer.factors):
         p.requires_grad_(requires_grad)
     if layer.bias is not None:
-        layer.bias.requires_grad_(module.bias.requires_grad)
+        layer.bias.requires_grad_(cast(torch.Tensor, module.bias).requires_grad)
     layer.train(module.training)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -326,7 +326,7 @@ class TDLRT(torch.optim.Optimizer):
             )
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:  # type: ignore[override]
+    def state_dict(self) -> dict:
         """torch's optimizer state plus the rank history; core states at the true ranks."""
         sd = super().state_dict()
         index = {id(p): i for i, p in enumerate(self._tucker_params())}
@@ -345,7 +345,7 @@ class TDLRT(torch.optim.Optimizer):
         sd["rank_history"] = [dict(h) for h in self.rank_history]
         return sd
 
-    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict) -> None:
         """Load after ``model.load_state_dict`` (which sets the Tucker layers' ranks).
 
         Raises
@@ -411,7 +411,7 @@ class TDLRT(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One TDLRT step.
 
         ``closure`` zeroes the gradients, recomputes the loss, calls ``backward`` and returns
@@ -621,7 +621,7 @@ class TDLRT(torch.optim.Optimizer):
         if self._wrapper is None:
             yield
             return
-        with self._wrapper.no_sync():
+        with cast(Any, self._wrapper).no_sync():
             yield
 
     def _commit(self, layers, layouts, points, states, counts, ranks) -> None:
@@ -691,7 +691,7 @@ class TDLRT(torch.optim.Optimizer):
                 for p in params
                 if p in self.state
             }
-        grads = [p.grad for p in params]
+        grads = [cast(torch.Tensor, p.grad) for p in params]
         cfg = self._config
         if cfg.inner == "sgd":
             bufs = [self.state.get(p, {}).get("momentum_buffer") for p in params]
