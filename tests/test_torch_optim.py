@@ -257,6 +257,47 @@ def test_non_finite_steps_change_nothing(where):
         assert torch.equal(a.detach(), b)
 
 
+@pytest.mark.parametrize("full", [True, False], ids=["augmenting", "core-only"])
+def test_an_inner_update_that_overflows_is_refused(full):
+    """Finite gradients, a learning rate that overflows the new core: the step is
+    refused (raise names the cause; skip changes nothing) instead of reaching the SVDs with
+    infinities (LAPACK's 'failed to converge')."""
+    model = _cnn()
+    x, y = _data()
+    opt = TDLRT(model, lr=0.05, tau=0.2, augment_every=1 if full else 2)
+    opt.step(_closure(opt, model, x, y))  # step 0 augments; with augment_every=2 step 1 does not
+    params = [p.detach().clone() for p in model.parameters()]
+    state = _state_values(opt)
+    huge = torch.finfo(DT).max
+
+    def steep(o):  # finite gradients with entries well above 1: lr * g overflows
+        def closure():
+            o.zero_grad()
+            loss = 1e6 * nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        return closure
+
+    for g in opt.param_groups:
+        g["lr"] = huge
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        opt.step(steep(opt))
+    for a, b in zip(model.parameters(), params):
+        assert torch.equal(a.detach(), b)
+    after = _state_values(opt)
+    for k in state:
+        for n, v in state[k].items():
+            assert torch.equal(after[k][n], v) if torch.is_tensor(v) else after[k][n] == v
+    skip = TDLRT(model, lr=huge, tau=0.2, on_nonfinite="skip", augment_every=1 if full else 2)
+    if not full:
+        skip._steps = 1  # the next step is a core-only one
+    skip.step(steep(skip))
+    for a, b in zip(model.parameters(), params):
+        assert torch.equal(a.detach(), b)
+    assert skip.rank_history == []
+
+
 @pytest.mark.parametrize("failure", ["closure", "truncation"])
 def test_an_exception_inside_the_step_changes_nothing(failure, monkeypatch):
     """An error in the second evaluation or in the truncation (e.g. LAPACK) is re-raised with the

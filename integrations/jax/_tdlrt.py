@@ -342,11 +342,9 @@ class TDLRT:
         core_grads = [_where_finite(finite, g1[i].core) for i in tucker]
         factor_grads = [[_where_finite(finite, g) for g in g1[i].factors] for i in tucker]
         if not full:  # core-only step: fixed bases, no rank change
-            new_points, new_states = [], []
-            for p, g, st in zip(points, core_grads, state.core_state):
-                core, st = engine.inner_update(cfg, p.core, g, st, count, lr)
-                new_points.append(p._replace(core=core))
-                new_states.append(st)
+            new_points, new_states, updated_finite = engine.inner_updates(
+                cfg, points, core_grads, state.core_state, count, lr
+            )
             wanted = [p.ranks for p in points]
         else:
             aug, maps = engine.augment(layouts, points, factor_grads)
@@ -363,11 +361,9 @@ class TDLRT:
                 grads2 = [g2[i].core for i in tucker]
                 finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads2]))
                 grads2 = [_where_finite(finite, g) for g in grads2]
-            updated, upd_states = [], []
-            for a, g, st in zip(aug, grads2, moved):
-                core, st = engine.inner_update(cfg, a.core, g, st, count, lr)
-                updated.append(a._replace(core=core))
-                upd_states.append(st)
+            updated, upd_states, updated_finite = engine.inner_updates(
+                cfg, aug, grads2, moved, count, lr
+            )
             new_points, tmaps, wanted = engine.truncate(
                 layouts,
                 cfg,
@@ -380,6 +376,8 @@ class TDLRT:
                 ),
             )
             new_states = [engine.transport_state(cfg, st, m) for st, m in zip(upd_states, tmaps)]
+        if updated_finite is not None:  # the inner step can overflow on finite gradients
+            finite = finite & updated_finite
         new_leaves = list(leaves)
         for p, i in zip(new_points, tucker):
             new_leaves[i] = tm.TuckerTensor._make((p.core, p.factors))
@@ -500,8 +498,9 @@ class TDLRT:
             if not host[0]:
                 if self.on_nonfinite == "raise":
                     raise FloatingPointError(
-                        "non-finite loss or gradient: the step was refused; params and state are "
-                        "unchanged"
+                        "non-finite loss or gradient, or an inner update of a core that "
+                        "overflowed (is the learning rate too large?): the step was refused; "
+                        "params and state are unchanged"
                     )
                 return params, state, loss
             wanted, pos = [], 1

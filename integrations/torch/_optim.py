@@ -318,11 +318,11 @@ class TDLRT(torch.optim.Optimizer):
             for k in range(len(lay.shape))
         )
 
-    def _nonfinite(self, when: str) -> None:
+    def _nonfinite(self, flags: list[int]) -> None:
         if self.on_nonfinite == "raise":
             raise FloatingPointError(
-                f"non-finite loss or gradient {when}: the step was refused; parameters and "
-                "optimizer state are unchanged"
+                f"{_NONFINITE[flags.index(0)]}: the step was refused; parameters and optimizer "
+                "state are unchanged"
             )
 
     # ------------------------------------------------------------------ checkpoints
@@ -469,11 +469,9 @@ class TDLRT(torch.optim.Optimizer):
         states = [self._core_state(m) for m in layers]
         counts = [self._count(m) + 1 for m in layers]
         if not full:  # a core-only step: the bases stay
-            new_points, new_states = [], []
-            for p, g, st, c in zip(points, core_grads, states, counts):
-                core, st = engine.inner_update(config, p.core, g, st, c, lr)
-                new_points.append(p._replace(core=core))
-                new_states.append(st)
+            new_points, new_states, finite3 = engine.inner_updates(
+                config, points, core_grads, states, counts, lr
+            )
             wanted = [p.ranks for p in points]
         else:
             aug, maps = engine.augment(layouts, points, factor_grads)
@@ -501,11 +499,9 @@ class TDLRT(torch.optim.Optimizer):
                 if grads2:
                     finite2 = engine.all_finite(grads2)
                     grads2 = [_finite_or_zero(g, finite2) for g in grads2]
-            updated, upd_states = [], []
-            for a, g, st, c in zip(aug, grads2, moved, counts):
-                core, st = engine.inner_update(config, a.core, g, st, c, lr)
-                updated.append(a._replace(core=core))
-                upd_states.append(st)
+            updated, upd_states, finite3 = engine.inner_updates(
+                config, aug, grads2, moved, counts, lr
+            )
             agree = self._replicas.broadcast_ranks if self._replicas is not None else None
             decide = engine.decision_cores(
                 config, [a.core for a in aug], [u.core for u in updated], grads2
@@ -520,24 +516,26 @@ class TDLRT(torch.optim.Optimizer):
                 decide=decide,
             )
             new_states = [engine.transport_state(config, st, m) for st, m in zip(upd_states, tmaps)]
-        flags = torch.stack([finite, finite2]).to(torch.int64)
+        if finite3 is None:
+            finite3 = torch.ones_like(finite)
+        flags = torch.stack([finite, finite2, finite3]).to(torch.int64)
         if self._replicas is not None:
             flags = self._replicas.all_true_each(flags)
         finite = torch.all(flags.bool())
         decision = torch.cat([flags, *[w.reshape(-1) for w in wanted]])
         if self._needs_read():
             host = decision.tolist()  # the one device-to-host transfer of the step
-            if not host[0] or not host[1]:
-                self._nonfinite("at the current point" if not host[0] else "in the augmented bases")
+            if not all(host[:3]):
+                self._nonfinite(host[:3])
                 return loss
-            ranks = _split_ranks(names, self._orders(names), host[2:])
+            ranks = _split_ranks(names, self._orders(names), host[3:])
             self._commit(layers, layouts, new_points, new_states, counts, ranks)
             self._dense_step(dense)
             self._history.append(ranks)
         else:
             self._commit_on_device(layers, layouts, new_points, new_states, counts, finite)
             self._dense_step(dense, finite)
-            self._history.append((names, decision[2:]))
+            self._history.append((names, decision[3:]))
         self._steps += 1
         return loss
 
@@ -762,6 +760,15 @@ def _work(p: engine.PaddedTucker) -> engine.PaddedTucker:
 def _work_grad(p: nn.Parameter) -> torch.Tensor:
     g = p.grad if p.grad is not None else torch.zeros_like(p)
     return g.float() if g.dtype in _HALF else g
+
+
+#: What a zero flag of the step's finiteness check means, in the order of the flags.
+_NONFINITE = (
+    "non-finite loss or gradient at the current point",
+    "non-finite gradient in the augmented bases",
+    "the inner update of a core overflowed (non-finite core or optimizer state; is the "
+    "learning rate too large?)",
+)
 
 
 def _finite_or_zero(g: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:

@@ -595,6 +595,53 @@ def inner_update(
     return new, (m, v)
 
 
+def inner_updates(
+    config: Config,
+    points: Sequence[PaddedTucker],
+    grads: Sequence[Any],
+    states: Sequence[tuple],
+    counts: Any,
+    lr: Any,
+) -> tuple[list[PaddedTucker], list[tuple], Any]:
+    """:func:`inner_update` of every point's core, and a 0-d flag: every new core and state is
+    finite.
+
+    The inner step can overflow even when the gradients are finite (a large learning rate on a
+    diverging run). Where the flag is false the new cores are zeros, so the truncation's SVDs
+    never see a non-finite value; the driver refuses such a step. ``counts`` is one count for
+    all points or one per point. With no points the flag is ``None``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from tuckerman import engine
+    >>> x = engine.PaddedTucker(np.ones((2, 2)), (np.eye(2), np.eye(2)), np.array([2, 2]))
+    >>> cfg = engine.Config(inner="sgd")
+    >>> _, _, ok = engine.inner_updates(cfg, [x], [np.ones((2, 2))], [()], 1, 0.5)
+    >>> bool(ok)
+    True
+    >>> with np.errstate(over="ignore"):  # NumPy warns of the overflow the flag reports
+    ...     new, _, ok = engine.inner_updates(cfg, [x], [np.full((2, 2), 1e308)], [()], 1, -10.0)
+    >>> bool(ok), new[0].core.tolist()
+    (False, [[0.0, 0.0], [0.0, 0.0]])
+    """
+    if not isinstance(counts, Sequence):
+        counts = [counts] * len(points)
+    new_points, new_states = [], []
+    for p, g, st, c in zip(points, grads, states, counts):
+        core, st = inner_update(config, p.core, g, st, c, lr)
+        new_points.append(p._replace(core=core))
+        new_states.append(st)
+    if not new_points:
+        return [], [], None
+    finite = all_finite([p.core for p in new_points] + [a for st in new_states for a in st])
+    xp = namespace_of(finite)
+    new_points = [
+        p._replace(core=xp.where(finite, p.core, xp.zeros_like(p.core))) for p in new_points
+    ]
+    return new_points, new_states, finite
+
+
 def _one_minus_power(xp: Any, beta: float, count: Any, like: Any) -> Any:
     """``1 - beta**count`` (Adam's bias correction) without cancellation.
 
