@@ -147,6 +147,22 @@ def test_device_rank_decision_equals_host_decision(ranks, tau, decay):
     assert y.host_ranks() == ref.ranks == tuple(int(v) for v in w)
 
 
+def test_svd_all_handles_entries_near_the_dtype_limit(xp, dtype, rtol, make):
+    """Matrices of a diverging run (entries near the largest float) keep their SVDs: the
+    singular values scale exactly, nothing overflows into the norms or LAPACK."""
+    rng = np.random.default_rng(3)
+    base = [rng.standard_normal(s) for s in [(3, 7), (5, 2), (4, 4), (6, 3)]]
+    big = float(xp.finfo(dtype).max) / 1e3
+    scaled = [make(b / np.abs(b).max() * big) for b in base]
+    small = [make(b) for b in base]
+    for (u, s, vh), (u1, s1, vh1), b in zip(
+        engine.svd_all(xp, scaled), engine.svd_all(xp, small), base
+    ):
+        assert np.all(np.isfinite(host(s)))
+        assert rel(host(s) / big * np.abs(b).max(), s1) <= rtol
+        assert rel(np.abs(host(u).T @ host(u1)), np.eye(len(host(s1)))) <= 10 * rtol
+
+
 def test_many_weights_in_one_call_equal_one_at_a_time(backend, dtype, rtol, make):
     """Batched QR and SVD over weights of equal shapes change nothing."""
     shapes = [(6, 5, 3, 3), (6, 5, 3, 3), (8, 6), (6, 7, 3, 3)]

@@ -310,7 +310,10 @@ def svd_all(xp: Any, mats: list[Any]) -> list[tuple[Any, Any, Any]]:
     largest size ``N``, each padded with the diagonal block ``c I`` where
     ``c = 1.5 ||S||_F`` exceeds its largest singular value. The padded singular values come
     first and the block structure is exact, so the last ``s`` singular triplets are those of the
-    factor, to the SVD's accuracy relative to ``c``.
+    factor, to the SVD's accuracy relative to ``c``. Each matrix is first scaled by the power of
+    two nearest its largest entry (exact), so entries near the dtype's limit (a diverging run's
+    cores) neither overflow in the norms nor reach LAPACK as infinities; the singular values
+    are scaled back.
 
     Examples
     --------
@@ -323,6 +326,8 @@ def svd_all(xp: Any, mats: list[Any]) -> list[tuple[Any, Any, Any]]:
     """
     if not mats:
         return []
+    scales = [_power_of_two_scale(xp, m) for m in mats]
+    mats = [m * sc for m, sc in zip(mats, scales)]
     reduced: list[Any] = [None] * len(mats)
     wide = [i for i, m in enumerate(mats) if m.shape[0] < m.shape[1]]
     tall = [i for i, m in enumerate(mats) if m.shape[0] > m.shape[1]]
@@ -357,8 +362,15 @@ def svd_all(xp: Any, mats: list[Any]) -> list[tuple[Any, Any, Any]]:
             u = left @ u
         if right is not None:
             v = right @ v
-        out.append((u, s_all[i, lo:], v.mT))
+        out.append((u, s_all[i, lo:] / scales[i], v.mT))
     return out
+
+
+def _power_of_two_scale(xp: Any, m: Any) -> Any:
+    """``2**-e`` with ``2**e`` the power of two nearest ``max |m|`` (1 for a zero matrix)."""
+    big = xp.max(xp.abs(m)) if math.prod(m.shape) else xp.zeros((), dtype=m.dtype, device=device_of(m))
+    big = xp.where(big > 0, big, xp.ones_like(big))
+    return xp.pow(xp.asarray(2.0, dtype=m.dtype, device=device_of(m)), -xp.round(xp.log2(big)))
 
 
 # --------------------------------------------------------------------------- 1: augmentation
