@@ -366,7 +366,10 @@ def test_help_is_generated_from_the_config_fields(capsys):
     for field in dataclasses.fields(TrainConfig):
         flag = "--no-progress" if field.name == "progress" else "--" + field.name.replace("_", "-")
         assert flag in text, flag
-    assert "(default: 0.14)" in text and "(default: a new runs/<date>-<time>)" in text
+    flat = " ".join(text.split())  # argparse wraps the help text
+    assert "(default: 0.14 (sgd), 0.2 (adam))" in flat
+    assert "(default: 0.03 (sgd), 0.005 (adam))" in flat
+    assert "(default: a new runs/<date>-<time>)" in flat
 
 
 def test_every_option_is_in_the_options_table_of_the_docs():

@@ -42,7 +42,10 @@ DTYPES = ("float32", "float64")
 INITS = ("random", "hosvd")
 
 #: Defaults that depend on other options (None in :class:`TrainConfig` means "the default").
-DEFAULT_TAU = 0.14  # with method "tdlrt"
+#: TDLRT's tolerance (method "tdlrt") and the learning rate, per inner optimizer: tuned on the
+#: default job (LeNet5, bundled MNIST, seeds 0-2; docs/train.md).
+DEFAULT_TAU = {"sgd": 0.14, "adam": 0.2}
+DEFAULT_LR = {"sgd": 0.03, "adam": 0.005}
 DEFAULT_MOMENTUM = 0.9  # with inner "sgd"
 DEFAULT_INIT = "random"  # with the Tucker methods
 
@@ -53,6 +56,10 @@ RESUMABLE = frozenset(
 )
 #: Fields that say where and how a run is written, not what it computes.
 RUN_FIELDS = frozenset({"out", "resume", "overwrite"})
+
+
+def _per_inner(values: dict[str, float]) -> str:
+    return ", ".join(f"{v} ({k})" for k, v in values.items())
 
 
 class ConfigError(ValueError):
@@ -137,6 +144,13 @@ def _optional(kind: Kind, word: str) -> Kind:
         lambda t: None if t.strip().lower() == word else kind.parse(t),
         lambda v: v is None or kind.accept(v),
         metavar=kind.metavar,
+    )
+
+
+def _or_default(kind: Kind) -> Kind:
+    """``kind``, or None for "the default" (typed only; the command line takes ``kind``)."""
+    return Kind(
+        kind.expected, kind.parse, lambda v: v is None or kind.accept(v), metavar=kind.metavar
     )
 
 
@@ -242,7 +256,8 @@ class TrainConfig:
         the fixed ranks ``ranks`` (``TDLRT(fixed_rank=True)``; ``ranks`` is required and must
         compress); ``"dense"``: the dense model with the inner optimizer.
     tau : float, optional
-        TDLRT's relative truncation tolerance (method ``"tdlrt"`` only; default 0.14).
+        TDLRT's relative truncation tolerance (method ``"tdlrt"`` only; default 0.14 with inner
+        ``"sgd"``, 0.2 with ``"adam"``).
     ranks : None, int or float
         Initial ranks of the Tucker layers (``"tdlrt"``) or their fixed ranks
         (``"tucker-fixed"``): an int caps both channel ranks, a float in (0, 1] is a fraction of
@@ -251,7 +266,8 @@ class TrainConfig:
         Tucker layer initialization (see :func:`tuckerize`; default ``"random"``).
     one_pass : bool
         TDLRT with one gradient evaluation per step.
-    lr : float
+    lr : float, optional
+        Peak learning rate (default 0.03 with inner ``"sgd"``, 0.005 with ``"adam"``).
     schedule : {"cosine", "constant"}
         Learning rate per step: cosine decay from ``lr`` to 0 over the run, or constant.
     momentum : float, optional
@@ -343,7 +359,7 @@ class TrainConfig:
         _optional(NONNEGATIVE_NUMBER, "none"),
         "TDLRT truncation tolerance, relative to the norm of each core (tdlrt only)",
         METHOD,
-        shown_default=f"{DEFAULT_TAU}",
+        shown_default=_per_inner(DEFAULT_TAU),
     )
     ranks: int | float | None = _field(
         None,
@@ -363,7 +379,13 @@ class TrainConfig:
     one_pass: bool = _field(
         False, FLAG, "TDLRT with one gradient evaluation per step instead of two", METHOD
     )
-    lr: float = _field(0.03, POSITIVE_NUMBER, "learning rate", OPTIMIZATION)
+    lr: float | None = _field(
+        None,
+        _or_default(POSITIVE_NUMBER),
+        "learning rate",
+        OPTIMIZATION,
+        shown_default=_per_inner(DEFAULT_LR),
+    )
     schedule: str = _field("cosine", _choice(SCHEDULES), "learning rate per step", OPTIMIZATION)
     momentum: float | None = _field(
         None,
@@ -514,7 +536,9 @@ class TrainConfig:
         """A copy with the method-dependent defaults filled in (what the run uses)."""
         changes: dict[str, Any] = {}
         if self.method == "tdlrt" and self.tau is None:
-            changes["tau"] = DEFAULT_TAU
+            changes["tau"] = DEFAULT_TAU[self.inner]
+        if self.lr is None:
+            changes["lr"] = DEFAULT_LR[self.inner]
         if self.inner == "sgd" and self.momentum is None:
             changes["momentum"] = DEFAULT_MOMENTUM
         if self.method != "dense" and self.init is None:
