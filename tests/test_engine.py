@@ -161,6 +161,7 @@ def test_svd_all_handles_entries_near_the_dtype_limit(xp, dtype, rtol, make):
         assert np.all(np.isfinite(host(s)))
         assert rel(host(s) / big * np.abs(b).max(), s1) <= rtol
         assert rel(np.abs(host(u).T @ host(u1)), np.eye(len(host(s1)))) <= 10 * rtol
+        assert rel(np.abs(host(vh) @ host(vh1).T), np.eye(len(host(s1)))) <= 10 * rtol
 
 
 def test_many_weights_in_one_call_equal_one_at_a_time(backend, dtype, rtol, make):

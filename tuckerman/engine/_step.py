@@ -368,7 +368,9 @@ def svd_all(xp: Any, mats: list[Any]) -> list[tuple[Any, Any, Any]]:
 
 def _power_of_two_scale(xp: Any, m: Any) -> Any:
     """``2**-e`` with ``2**e`` the power of two nearest ``max |m|`` (1 for a zero matrix)."""
-    big = xp.max(xp.abs(m)) if math.prod(m.shape) else xp.zeros((), dtype=m.dtype, device=device_of(m))
+    if not math.prod(m.shape):
+        return xp.ones((), dtype=m.dtype, device=device_of(m))
+    big = xp.max(xp.abs(m))
     big = xp.where(big > 0, big, xp.ones_like(big))
     return xp.pow(xp.asarray(2.0, dtype=m.dtype, device=device_of(m)), -xp.round(xp.log2(big)))
 
