@@ -91,8 +91,8 @@ TARGETS = {
 }
 GRIDS = {
     "tucker-sgd": [0.05, 0.1, 0.2],
-    "tucker-adam": [3e-4, 1e-3, 3e-3],
-    "tucker-adamw": [3e-4, 1e-3, 3e-3],
+    "tucker-adam": [1e-3, 3e-3, 1e-2, 3e-2],
+    "tucker-adamw": [1e-3, 3e-3, 1e-2, 3e-2],
     "lora": [1e-3, 3e-3, 1e-2, 3e-2],
     "peft-lora": [1e-3, 3e-3, 1e-2, 3e-2],
     "peft-adalora": [3e-3, 1e-2, 3e-2, 1e-1],
@@ -715,8 +715,8 @@ def print_summary(result: dict) -> None:
 
 LABEL = {
     "tucker-sgd": "Tucker, TDLRT (SGD)",
-    "tucker-adam": "Tucker, TDLRT (inner Adam, before the geometric Adam)",
-    "tucker-adamw": "Tucker, TDLRT (inner AdamW)",
+    "tucker-adam": "Tucker, TDLRT (geometric Adam)",
+    "tucker-adamw": "Tucker, TDLRT (geometric AdamW)",
     "lora": "LoRA (Adam)",
     "peft-lora": "PEFT LoRA (Adam)",
     "peft-adalora": "PEFT AdaLoRA (Adam)",

@@ -17,22 +17,28 @@ from __future__ import annotations
 import argparse
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
-from tuckerman.integrations.jax import (
-    TDLRT,
-    init_tucker_conv,
-    init_tucker_dense,
-    num_parameters,
-    num_parameters_dense,
-    tucker_conv,
-    tucker_dense,
-)
 
 from tuckerman.datasets import load_mnist
+
+try:  # --help works without JAX; running needs it (main says how to install it)
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax import lax
+    from tuckerman.integrations.jax import (
+        TDLRT,
+        init_tucker_conv,
+        init_tucker_dense,
+        num_parameters,
+        num_parameters_dense,
+        tucker_conv,
+        tucker_dense,
+    )
+except ImportError as err:
+    _MISSING: ImportError | None = err
+else:
+    _MISSING = None
 
 DIMS = ("NHWC", "OIHW", "NHWC")
 
@@ -73,14 +79,14 @@ def loss_fn(params, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-@jax.jit
 def _correct(params, x, y):
     return jnp.sum(jnp.argmax(forward(params, x), axis=1) == y)
 
 
 def accuracy(params, x, y, batch=500):
+    correct = jax.jit(_correct)  # jax caches the compiled function across calls
     hits = sum(
-        int(_correct(params, x[i : i + batch], y[i : i + batch])) for i in range(0, len(x), batch)
+        int(correct(params, x[i : i + batch], y[i : i + batch])) for i in range(0, len(x), batch)
     )
     return hits / len(x)
 
@@ -104,6 +110,10 @@ def main(argv=None):
     parser.add_argument("--fc-rank", type=int, default=48)
     parser.add_argument("--max-rank", type=int, default=48)
     args = parser.parse_args(argv)
+    if _MISSING is not None:
+        parser.exit(
+            1, f"this example needs JAX and optax ({_MISSING}): pip install 'tuckerman[jax]'\n"
+        )
 
     jax.config.update("jax_enable_x64", False)
     x_train, y_train = load_mnist("train")

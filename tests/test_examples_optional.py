@@ -1,6 +1,7 @@
 """The examples degrade without their optional packages: lowrank_approximation.py skips the HOOI
 column without TensorLy (an optional, benchmark-only dependency) instead of exiting, and both
-it and rank_discovery.py skip the plot without matplotlib, each with a note."""
+it and rank_discovery.py skip the plot without matplotlib, each with a note; jax_mnist.py shows
+its --help without JAX and says how to install it."""
 
 from __future__ import annotations
 
@@ -49,3 +50,16 @@ def test_without_matplotlib_the_plot_is_skipped(name, monkeypatch, capsys, tmp_p
     assert module.plot(None, None, {}, tmp_path / "plot.png") is None
     assert "matplotlib is not installed" in capsys.readouterr().err
     assert not (tmp_path / "plot.png").exists()
+
+
+def test_jax_example_helps_without_jax_and_says_how_to_install_it(monkeypatch, capsys):
+    for name in ("jax", "jax.numpy", "optax"):
+        monkeypatch.setitem(sys.modules, name, None)
+    module = _load("jax_mnist")
+    with pytest.raises(SystemExit) as help_exit:
+        module.main(["--help"])
+    assert help_exit.value.code == 0 and "--epochs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as run_exit:
+        module.main(["--epochs", "1"])
+    assert run_exit.value.code == 1
+    assert "pip install 'tuckerman[jax]'" in capsys.readouterr().err

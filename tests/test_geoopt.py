@@ -55,14 +55,14 @@ def _gauge_error(M, x, u):
 # --------------------------------------------------------------------------- packing
 def test_pack_unpack_round_trip(dt):
     M = TuckerManifold(SHAPE, RANKS)
-    x = M.fixed_rank.random_point(key=0, xp=torch, dtype=dt)
+    x = M.tucker.random_point(key=0, xp=torch, dtype=dt)
     p = M.pack(x)
     assert p.shape == (M.packed_size,) == (12 + 10 + 18 + 14,)
     y = M.unpack(p)
     assert torch.equal(y.core, x.core)
     assert all(torch.equal(a, b) for a, b in zip(y.factors, x.factors))
     assert torch.equal(M.pack(y), p)
-    v = M.fixed_rank.random_tangent(x, key=1)
+    v = M.tucker.random_tangent(x, key=1)
     w = M.unpack_tangent(M.pack_tangent(v))
     assert torch.equal(w.dcore, v.dcore) and all(
         torch.equal(a, b) for a, b in zip(w.dfactors, v.dfactors)
@@ -75,7 +75,7 @@ def test_pack_unpack_round_trip(dt):
     assert torch.equal(g.dcore, torch.ones_like(g.dcore))
     assert torch.equal(g.dfactors[1], 2 * torch.ones_like(g.dfactors[1]))
     assert torch.equal(g.dfactors[0], torch.zeros_like(g.dfactors[0]))
-    assert M.manifold_dim == M.fixed_rank.dim == 12 + (10 - 4) + (18 - 9) + (14 - 4)
+    assert M.manifold_dim == M.tucker.dim == 12 + (10 - 4) + (18 - 9) + (14 - 4)
     assert repr(M) == "Tucker(shape=(5, 6, 7), ranks=(2, 3, 2)) manifold"
 
 
@@ -108,7 +108,7 @@ def test_bad_packed_tensors_are_refused():
     with pytest.raises(ValueError, match=r"shape \(5, 6, 8\)"):
         M.pack(tm.FixedRankTucker((5, 6, 8), RANKS).random_point(key=0, xp=torch))
     with pytest.raises(TypeError, match="torch"):
-        M.pack(M.fixed_rank.random_point(key=0))  # NumPy arrays
+        M.pack(M.tucker.random_point(key=0))  # NumPy arrays
     with pytest.raises(ValueError, match=r"size \(3,\)"):
         M.random(3)
     with pytest.raises(ValueError, match="infeasible"):
@@ -131,7 +131,7 @@ def test_random_origin_projx(dt):
     x = M.random(key=3, dtype=dt)
     assert isinstance(x, geoopt.ManifoldTensor) and x.manifold is M and x.dtype == dt
     assert M.check_point_on_manifold(x)
-    assert M.fixed_rank.check_point(M.unpack(x))
+    assert M.tucker.check_point(M.unpack(x))
     assert torch.equal(M.random(key=3, dtype=dt), x)
     torch.manual_seed(0)
     a = M.random(dtype=dt)
@@ -202,7 +202,7 @@ def test_proju_idempotent_orthogonal_same_tensor(dt):
     w = M.proju(x, _randn(M.packed_size, 2, dt))
     assert abs(float(M.inner(x, u - p, w))) < _tol(dt) * float(M.norm(x, u) * M.norm(x, w))
     # agrees with the core's projection of the dense tangent tensor
-    ref = M.pack_tangent(M.fixed_rank.project(M.unpack(x), du))
+    ref = M.pack_tangent(M.tucker.project(M.unpack(x), du))
     assert torch.allclose(p, ref, atol=_tol(dt) * float(abs(ref).max()))
 
 
@@ -219,10 +219,10 @@ def test_egrad2rgrad_is_the_projected_dense_gradient(dt):
     g = M.egrad2rgrad(x, q.grad)
     dense = M.unpack(x).to_dense().requires_grad_()
     f(dense).backward()
-    ref = M.fixed_rank.project(M.unpack(x), dense.grad)
+    ref = M.tucker.project(M.unpack(x), dense.grad)
     assert torch.allclose(
         M.tangent_to_dense(x, g),
-        M.fixed_rank.tangent_to_dense(M.unpack(x), ref),
+        M.tucker.tangent_to_dense(M.unpack(x), ref),
         atol=_tol(dt) * float(abs(dense.grad).max()),
     )
     assert M.check_vector_on_tangent(x, g)
@@ -259,10 +259,10 @@ def test_retraction_transport(dt):
     w = M.proju(x, _randn(M.packed_size, 3, dt))
     tw = M.transp(x, y, w)
     assert M.check_vector_on_tangent(y, tw)
-    ref = M.fixed_rank.project(M.unpack(y), _dphi(M, x, w))
+    ref = M.tucker.project(M.unpack(y), _dphi(M, x, w))
     assert torch.allclose(
         M.tangent_to_dense(y, tw),
-        M.fixed_rank.tangent_to_dense(M.unpack(y), ref),
+        M.tucker.tangent_to_dense(M.unpack(y), ref),
         atol=_tol(dt) * float(abs(M.tangent_to_dense(x, w)).max()),
     )
     y2, tw2 = M.retr_transp(x, 0.3 * v, w)
@@ -370,9 +370,9 @@ def test_sgd_matches_the_core_rgd_optimum(dt):
     g = torch.Generator().manual_seed(0)
     target = tm.hosvd(torch.randn(SHAPE, generator=g, dtype=torch.float64), ranks=RANKS)
     a = target.to_dense()
-    x0 = M.fixed_rank.random_point(key=2, xp=torch, dtype=torch.float64)
+    x0 = M.tucker.random_point(key=2, xp=torch, dtype=torch.float64)
     problem = Problem(
-        M.fixed_rank,
+        M.tucker,
         cost=lambda x: 0.5 * float(((x.to_dense() - a) ** 2).sum()),
         egrad=lambda x: x.to_dense() - a,
     )
@@ -511,3 +511,9 @@ def test_deepcopy_and_pickle_keep_the_manifold():
     r = torch.load(buffer, weights_only=False)
     assert isinstance(r, geoopt.ManifoldParameter) and isinstance(r.manifold, TuckerManifold)
     assert r.manifold.ranks == RANKS and torch.equal(r, p)
+
+
+def test_the_old_name_of_the_core_manifold_warns():
+    M = TuckerManifold((5, 4, 3), (2, 2, 2))
+    with pytest.warns(DeprecationWarning, match="use TuckerManifold.tucker"):
+        assert M.fixed_rank is M.tucker

@@ -11,6 +11,7 @@ batch.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -118,8 +119,19 @@ class TuckerManifold(geoopt.Manifold):
 
     # ----------------------------------------------------------------- description
     @property
+    def tucker(self) -> FixedRankTucker:
+        """The :class:`tuckerman.FixedRankTucker` of the same shape and ranks that does the
+        mathematics (points as ``TuckerTensor``, tangents as ``TangentVector``)."""
+        return self._fixed_rank
+
+    @property
     def fixed_rank(self) -> FixedRankTucker:
-        """The core manifold :class:`tuckerman.FixedRankTucker` that does the mathematics."""
+        """Deprecated name of :attr:`tucker` (it read like a boolean option)."""
+        warnings.warn(
+            "TuckerManifold.fixed_rank is deprecated; use TuckerManifold.tucker",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self._fixed_rank
 
     @property
@@ -269,7 +281,7 @@ class TuckerManifold(geoopt.Manifold):
         >>> import tuckerman as tm
         >>> from tuckerman.integrations.geoopt import TuckerManifold
         >>> M = TuckerManifold((4, 5, 6), 2)
-        >>> x = M.fixed_rank.random_point(key=0, xp="torch")
+        >>> x = M.tucker.random_point(key=0, xp="torch")
         >>> M.pack(x).shape
         torch.Size([38])
         """
@@ -315,7 +327,7 @@ class TuckerManifold(geoopt.Manifold):
         >>> from tuckerman.integrations.geoopt import TuckerManifold
         >>> M = TuckerManifold((4, 5, 6), 2)
         >>> x = M.unpack(M.random(key=0))
-        >>> M.pack_tangent(M.fixed_rank.random_tangent(x, key=1)).shape
+        >>> M.pack_tangent(M.tucker.random_tangent(x, key=1)).shape
         torch.Size([38])
         """
         if not isinstance(v, TangentVector):
