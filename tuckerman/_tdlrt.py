@@ -26,7 +26,7 @@ from tuckerman._compat import is_array, namespace_of
 from tuckerman._manifold import FixedRankTucker, _contract_q, _core_qr
 from tuckerman._sparse import SparseTensor, sparse_all_but_one
 from tuckerman._tucker import TuckerTensor, _as_tucker, _mp, _rank_from_tol, _svd, _unfold
-from tuckerman.validation import check_tol, feasible_ranks
+from tuckerman.validation import check_tol, feasible_ranks, per_mode
 
 __all__ = [
     "augment",
@@ -84,22 +84,6 @@ def _check_finite(z: Any, what: str) -> None:
                 f"{what} contains NaN or Inf (array of shape {tuple(leaf.shape)}); "
                 "the step was not taken"
             )
-
-
-def _per_mode(value: Any, d: int, what: str, default: int | None) -> tuple:
-    if value is None:
-        return (default,) * d
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value,) * d
-    value = tuple(value)
-    if len(value) != d:
-        raise ValueError(f"{what} has {len(value)} entries {value} but the tensor has {d} modes")
-    for k, v in enumerate(value):
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{what}[{k}] must be a positive integer or None, got {v!r}")
-    return tuple(None if v is None else int(v) for v in value)
 
 
 def _check_modes(adaptive_modes: Any, d: int) -> tuple[int, ...]:
@@ -318,15 +302,15 @@ def truncate_core(
     d = x.ndim
     tau = check_tol(tau, "tau")
     adaptive = _check_modes(adaptive_modes, d) if tau is not None else ()
-    fixed = _per_mode(ranks, d, "ranks", None)
+    fixed = per_mode(ranks, d, "ranks", None)
     for k in range(d):
         if k not in adaptive and fixed[k] is None:
             raise ValueError(
                 f"mode {k} is not adaptive (tau={tau}, adaptive_modes={adaptive_modes}) so "
                 "ranks must give its rank"
             )
-    lows = _per_mode(min_rank, d, "min_rank", 1)
-    highs = _per_mode(max_rank, d, "max_rank", None)
+    lows = per_mode(min_rank, d, "min_rank", 1)
+    highs = per_mode(max_rank, d, "max_rank", None)
     threshold = 0.0
     if adaptive:
         assert tau is not None  # adaptive modes exist only with a tolerance
@@ -414,8 +398,8 @@ def tdlrt_step(
     check_tol(tau, "tau")
     d = x.ndim
     _check_modes(adaptive_modes, d)
-    _per_mode(min_rank, d, "min_rank", 1)
-    _per_mode(max_rank, d, "max_rank", None)
+    per_mode(min_rank, d, "min_rank", 1)
+    per_mode(max_rank, d, "max_rank", None)
     _manifold_of(x)  # feasible ranks
     x_aug, _ = augment(x, egrad(x), lr=lr)
     x_gal = galerkin_step(x_aug, core_gradient(x_aug, _checked(egrad(x_aug), x_aug)), lr=lr)

@@ -10,6 +10,7 @@ from typing import Any
 __all__ = [
     "positive_int",
     "int_pair",
+    "per_mode",
     "real_number",
     "as_shape",
     "as_ranks",
@@ -43,6 +44,37 @@ def int_pair(value: Any, what: str, minimum: int) -> tuple[int, int]:
             raise ValueError(f"{what} entries must be >= {minimum}, got {tuple(value)}")
         out.append(int(v))
     return out[0], out[1]
+
+
+def per_mode(value: Any, ndim: int, what: str, default: int | None) -> tuple[Any, ...]:
+    """One positive int (or ``None``) per mode from ``None`` (``default`` everywhere), one int
+    (the same for every mode) or a sequence of ``ndim`` ints or ``None`` (``default`` there).
+
+    Examples
+    --------
+    >>> from tuckerman.validation import per_mode
+    >>> per_mode(None, 3, "max_rank", None), per_mode(4, 2, "max_rank", None)
+    ((None, None, None), (4, 4))
+    >>> per_mode((2, None), 2, "min_rank", 1)
+    (2, 1)
+    >>> per_mode((2, 0), 2, "min_rank", 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: min_rank[1] must be a positive integer or None, got 0
+    """
+    if value is None:
+        return (default,) * ndim
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value,) * ndim
+    value = tuple(value)
+    if len(value) != ndim:
+        raise ValueError(f"{what} has {len(value)} entries {value} but the tensor has {ndim} modes")
+    for k, v in enumerate(value):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < 1:
+            raise ValueError(f"{what}[{k}] must be a positive integer or None, got {v!r}")
+    return tuple(default if v is None else int(v) for v in value)
 
 
 def real_number(value: Any, what: str, *, positive: bool = False, below_one: bool = False) -> float:

@@ -34,7 +34,7 @@ import tuckerman.backends as backends
 from tuckerman._compat import device_of, namespace_of
 from tuckerman._tucker import _mp, _others, _svd, _unfold
 from tuckerman.engine._padded import PaddedTucker, rank_mask
-from tuckerman.validation import feasible_ranks_error, full_ranks, real_number
+from tuckerman.validation import feasible_ranks_error, full_ranks, per_mode, real_number
 
 __all__ = [
     "Layout",
@@ -93,22 +93,6 @@ class Layout(NamedTuple):
         return tuple(
             b if s else min(2 * b, n) for b, s, n in zip(self.capacity, self.skip, self.shape)
         )
-
-
-def _per_mode(value: Any, d: int, what: str, default: int | None) -> tuple:
-    if value is None:
-        return (default,) * d
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value,) * d
-    value = tuple(value)
-    if len(value) != d:
-        raise ValueError(f"{what} has {len(value)} entries {value} but the weight has {d} modes")
-    for k, v in enumerate(value):
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{what}[{k}] must be a positive integer or None, got {v!r}")
-    return tuple(default if v is None else int(v) for v in value)
 
 
 def check_rank_bound(value: Any, what: str) -> Any:
@@ -172,10 +156,9 @@ def make_layout(
         modes = tuple(sorted({int(m) % d for m in modes}))
     adaptive = tuple(k in modes for k in range(d))
     full = full_ranks(shape)
-    lows = _per_mode(min_rank, d, "min_rank", 1)
+    lows = per_mode(min_rank, d, "min_rank", 1)
     highs = tuple(
-        f if h is None else min(h, f)
-        for h, f in zip(_per_mode(max_rank, d, "max_rank", None), full)
+        f if h is None else min(h, f) for h, f in zip(per_mode(max_rank, d, "max_rank", None), full)
     )
     for k in range(d):
         if not 1 <= capacity[k] <= shape[k]:
