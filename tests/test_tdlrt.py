@@ -382,7 +382,7 @@ def test_svd_retries_in_float64_when_lapack_fails():
     failure propagates."""
     import array_api_compat.numpy as anp
 
-    from tuckerman._tucker import _svd
+    from tuckerman._kernels import _svd
 
     calls = []
 

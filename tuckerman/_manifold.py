@@ -13,16 +13,13 @@ from typing import Any, NamedTuple
 
 import tuckerman.backends as backends
 from tuckerman._compat import is_array, namespace_from_name, namespace_of
+from tuckerman._kernels import _all_but_one, _mp, _others, _unfold
 from tuckerman._sparse import SparseTensor, sparse_all_but_one
 from tuckerman._tucker import (
     TuckerTensor,
-    _all_but_one,
     _block_core,
     _check_structure,
-    _mp,
-    _others,
     _scale_array,
-    _unfold,
     truncate,
 )
 from tuckerman.validation import as_ranks, as_shape, check_real_floating, feasible_ranks_error

@@ -23,9 +23,10 @@ from typing import Any
 
 import tuckerman.backends as backends
 from tuckerman._compat import is_array, namespace_of
+from tuckerman._kernels import _mp, _rank_from_tol, _svd, _unfold
 from tuckerman._manifold import FixedRankTucker, _contract_q, _core_qr
 from tuckerman._sparse import SparseTensor, sparse_all_but_one
-from tuckerman._tucker import TuckerTensor, _as_tucker, _mp, _rank_from_tol, _svd, _unfold
+from tuckerman._tucker import TuckerTensor, _as_tucker
 from tuckerman.validation import check_tol, feasible_ranks, per_mode
 
 __all__ = [

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import tuckerman.backends as backends
 from tuckerman._compat import device_of, namespace_of
-from tuckerman._tucker import _mp, _others, _svd, _unfold
+from tuckerman._kernels import _mp, _others, _svd, _unfold
 from tuckerman.engine._padded import PaddedTucker, rank_mask
 from tuckerman.validation import feasible_ranks_error, full_ranks, per_mode, real_number
 

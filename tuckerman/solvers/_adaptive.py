@@ -6,9 +6,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from tuckerman._kernels import _mp
 from tuckerman._manifold import FixedRankTucker
 from tuckerman._tdlrt import augment_basis, galerkin_step, truncate_core
-from tuckerman._tucker import TuckerTensor, _mp, add, scale
+from tuckerman._tucker import TuckerTensor, add, scale
 from tuckerman.solvers._autodiff import rgrad_from_factor_grads, value_and_factor_grads
 from tuckerman.solvers._problem import Problem, TuckerDomain
 from tuckerman.solvers._result import (

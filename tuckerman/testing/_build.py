@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 
 from tuckerman._compat import namespace_from_name
+from tuckerman._kernels import _mp, _unfold
 from tuckerman._manifold import FixedRankTucker
-from tuckerman._tucker import TuckerTensor, _mp, _unfold
+from tuckerman._tucker import TuckerTensor
 
 __all__ = ["conditioned_point", "to_library"]
 

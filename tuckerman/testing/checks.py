@@ -27,8 +27,9 @@ import numpy as np
 
 import tuckerman.backends as backends
 from tuckerman._compat import namespace_of
+from tuckerman._kernels import _mp, _unfold
 from tuckerman._manifold import core_condition
-from tuckerman._tucker import TuckerTensor, _mp, _unfold
+from tuckerman._tucker import TuckerTensor
 
 __all__ = [
     "default_rtol",
